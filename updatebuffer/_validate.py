@@ -1,0 +1,210 @@
+"""Validation shared by every backend: reject bad input at ``incr`` time, naming the field."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import math
+import uuid
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+from updatebuffer._types import Number, Value
+from updatebuffer.codec import check_value, decode_value, encode_value, type_name
+from updatebuffer.errors import InvalidUpdateError
+from updatebuffer.keys import check_name
+
+__all__ = [
+    "INT64_MAX",
+    "INT64_MIN",
+    "check_columns",
+    "check_ordered",
+    "check_sum",
+    "check_values",
+    "ordered_pick",
+    "row_identity",
+]
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+# Exact types whose Python equality matches codec equality, so they can be used as dict-key parts
+# as they are; everything else is keyed by its canonical encoding (see row_identity).
+_FAST_TAGS: dict[type, str] = {
+    int: "i",
+    str: "s",
+    bool: "b",
+    type(None): "N",
+    bytes: "y",
+    uuid.UUID: "u",
+    datetime.date: "d",
+}
+_ORDERED = (int, float, decimal.Decimal, str, bytes, datetime.date, uuid.UUID)
+
+
+def _bad_mapping(what: str, value: object) -> InvalidUpdateError:
+    got = type_name(value)
+    return InvalidUpdateError(
+        f"{what} must be a mapping of column name to value, got {got}",
+        field=what,
+        expected="Mapping[str, ...]",
+        got=got,
+    )
+
+
+def _filter_part(name: str, value: object) -> tuple[str, str, Any]:
+    tag = _FAST_TAGS.get(type(value))
+    if tag is not None:
+        return (name, tag, value)
+    encoded = encode_value(value, f"filters[{name!r}]")
+    # Subclasses (IntEnum, bytearray, str enums) collapse to their base type, like the codec.
+    base = decode_value(encoded)
+    tag = _FAST_TAGS.get(type(base))
+    if tag is not None:
+        return (name, tag, base)
+    return (name, "~", encoded)
+
+
+def row_identity(model: object, filters: object) -> Hashable:
+    """Return a hashable identity of ``(model, filters)`` equal exactly when the rows' canonical
+    encodings (:func:`updatebuffer.keys.encode_row`) are equal, computed without encoding the
+    common value types.
+
+    :raises InvalidUpdateError: the model, a filter name or a filter value is invalid.
+    """
+    if type(model) is not str or not model:
+        check_name(model, "model")
+    if not isinstance(filters, Mapping):
+        raise _bad_mapping("filters", filters)
+    if len(filters) == 1:
+        for name, value in filters.items():
+            if type(name) is not str or not name:
+                check_name(name, "filters key")
+            return (model, _filter_part(name, value))
+    parts = []
+    for name in filters:
+        if type(name) is not str or not name:
+            check_name(name, "filters key")
+    for name in sorted(filters):
+        parts.append(_filter_part(name, filters[name]))
+    return (model, *parts)
+
+
+def check_columns(columns: object) -> dict[str, Number]:
+    """Return a copy of *columns* after checking names and deltas.
+
+    Deltas are ``int`` (within signed 64-bit) or finite ``float``; ``bool`` is refused because
+    ``True`` as a delta is almost always a bug.
+
+    :raises InvalidUpdateError: naming the column and the type.
+    """
+    if columns is None:
+        return {}
+    if not isinstance(columns, Mapping):
+        raise _bad_mapping("columns", columns)
+    out: dict[str, Number] = {}
+    for name, delta in columns.items():
+        if type(name) is not str or not name:
+            check_name(name, "columns key")
+        kind = type(delta)
+        if kind is int:
+            if not INT64_MIN <= delta <= INT64_MAX:
+                raise InvalidUpdateError(
+                    f"columns[{name!r}]: delta {delta} is outside the signed 64-bit range",
+                    field=f"columns[{name!r}]",
+                    expected="int in [-2**63, 2**63-1]",
+                    got="int",
+                )
+        elif kind is float:
+            if not math.isfinite(delta):
+                raise InvalidUpdateError(
+                    f"columns[{name!r}]: delta {delta!r} is not finite",
+                    field=f"columns[{name!r}]",
+                    expected="finite float",
+                    got="float",
+                )
+        elif isinstance(delta, (int, float)) and not isinstance(delta, bool):
+            # int/float subclasses (IntEnum, ...) are stored as their base type.
+            base = int(delta) if isinstance(delta, int) else float(delta)
+            out.update(check_columns({name: base}))
+            continue
+        else:
+            got = type_name(delta)
+            raise InvalidUpdateError(
+                f"columns[{name!r}]: delta must be int or float (not bool), got {got}",
+                field=f"columns[{name!r}]",
+                expected="int or float",
+                got=got,
+            )
+        out[name] = delta
+    return out
+
+
+def check_sum(name: str, total: Number) -> None:
+    """Raise :class:`InvalidUpdateError` if a merged integer *total* leaves signed 64-bit."""
+    if type(total) is int and not INT64_MIN <= total <= INT64_MAX:
+        raise InvalidUpdateError(
+            f"columns[{name!r}]: the buffered sum would overflow signed 64-bit ({total}); "
+            "the update was not stored",
+            field=f"columns[{name!r}]",
+            expected="sum in [-2**63, 2**63-1]",
+            got="int",
+        )
+
+
+def check_values(values: object, what: str) -> dict[str, Value]:
+    """Return a copy of the ``extra`` mapping *values* after checking names and value types.
+
+    :raises InvalidUpdateError: naming the field and the type.
+    """
+    if values is None:
+        return {}
+    if not isinstance(values, Mapping):
+        raise _bad_mapping(what, values)
+    out: dict[str, Value] = {}
+    for name, value in values.items():
+        if type(name) is not str or not name:
+            check_name(name, f"{what} key")
+        if type(value) not in _FAST_TAGS:
+            check_value(value, f"{what}[{name!r}]")
+        out[name] = value
+    return out
+
+
+def check_ordered(values: object, what: str) -> dict[str, Value]:
+    """Check a ``greatest``/``least`` mapping: values must be encodable and orderable.
+
+    ``None`` and ``bool`` are refused: "the max of nothing" and "the max of a flag" are host bugs
+    more often than intent; use ``extra`` to set them.
+
+    :raises InvalidUpdateError: naming the field and the type.
+    """
+    out = check_values(values, what)
+    for name, value in out.items():
+        if value is None or isinstance(value, bool) or not isinstance(value, _ORDERED):
+            got = type_name(value)
+            raise InvalidUpdateError(
+                f"{what}[{name!r}]: {got} cannot be ordered; greatest/least take int, float, "
+                "Decimal, str, bytes, datetime (aware), date or UUID",
+                field=f"{what}[{name!r}]",
+                expected="orderable value",
+                got=got,
+            )
+    return out
+
+
+def ordered_pick(what: str, name: str, old: Value, new: Value, want_greater: bool) -> bool:
+    """Return whether *new* replaces *old* under ``greatest`` (or ``least``).
+
+    :raises InvalidUpdateError: the two values cannot be compared (e.g. a str after a datetime).
+    """
+    try:
+        return bool(new > old) if want_greater else bool(new < old)  # type: ignore[operator]
+    except TypeError:
+        raise InvalidUpdateError(
+            f"{what}[{name!r}]: cannot compare {type_name(new)} with the buffered "
+            f"{type_name(old)}; a column must keep one type",
+            field=f"{what}[{name!r}]",
+            expected=type_name(old),
+            got=type_name(new),
+        ) from None

@@ -1,0 +1,1 @@
+"""Built-in backends, loaded through the ``updatebuffer.backends`` entry-point group."""

@@ -1,0 +1,630 @@
+"""In-process buffer: a thread-safe dict of pending rows.
+
+Fast and dependency-free, but the pending rows live in this process: they are lost if it dies
+before a flush (``kill -9``, OOM, power loss). ``close()`` and :class:`~updatebuffer.Flusher`
+drain them on an orderly shutdown. Use the Redis backend when losing the last ``delay`` seconds
+of counts on a crash is not acceptable, or when several processes must share one buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Hashable, Mapping
+from types import TracebackType
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from typing_extensions import Self
+
+from updatebuffer._retry import DeadLetter, backoff_delay, split_batch
+from updatebuffer._types import Number, Value
+from updatebuffer._validate import (
+    INT64_MAX,
+    INT64_MIN,
+    check_columns,
+    check_ordered,
+    check_sum,
+    check_values,
+    ordered_pick,
+    row_identity,
+)
+from updatebuffer.config import Option, boolean, choice, count, duration, parse_options
+from updatebuffer.errors import (
+    BufferFullError,
+    ConfigurationError,
+    InvalidUpdateError,
+    UpdateBufferError,
+)
+from updatebuffer.update import Batch, BufferStats, FlushCallback, Update, merge_updates
+
+__all__ = ["MemoryBuffer"]
+
+log = logging.getLogger(__name__)
+
+_OVERFLOW = ("flush", "block", "raise")
+
+
+class _Row:
+    """Mutable merged state of one pending row (only touched under the buffer's lock)."""
+
+    __slots__ = (
+        "columns",
+        "count",
+        "extra",
+        "filters",
+        "first_buffered",
+        "greatest",
+        "least",
+        "model",
+        "signal_only",
+    )
+
+    def __init__(
+        self,
+        model: str,
+        filters: dict[str, Value],
+        columns: dict[str, Number],
+        extra: dict[str, Value],
+        greatest: dict[str, Value],
+        least: dict[str, Value],
+        signal_only: bool,
+        first_buffered: float,
+    ) -> None:
+        self.model = model
+        self.filters = filters
+        self.columns = columns
+        self.extra = extra
+        self.greatest = greatest
+        self.least = least
+        self.signal_only = signal_only
+        self.count = 1
+        self.first_buffered = first_buffered
+
+    def freeze(self) -> Update:
+        return Update(
+            model=self.model,
+            filters=dict(self.filters),
+            columns=dict(self.columns),
+            extra=dict(self.extra),
+            greatest=dict(self.greatest),
+            least=dict(self.least),
+            signal_only=self.signal_only,
+            count=self.count,
+            first_buffered=self.first_buffered,
+        )
+
+
+class _Flight:
+    """A claimed batch: delivered, awaiting retry, or being delivered by some thread."""
+
+    __slots__ = ("attempt", "id", "keys", "not_before", "running", "updates")
+
+    def __init__(self, batch_id: str, keys: tuple[Hashable, ...], updates: tuple[Update, ...]):
+        self.id = batch_id
+        self.keys = keys
+        self.updates = updates
+        self.attempt = 1
+        self.not_before = 0.0
+        self.running = True
+
+
+_instances: weakref.WeakSet[MemoryBuffer] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for buffer in list(_instances):
+        buffer._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class MemoryBuffer:
+    """Buffer pending rows in this process's memory.
+
+    URL forms: ``memory://`` with options in the query, e.g. ``memory://?delay=1&batch_size=200``.
+
+    Example configuration::
+
+        buf = updatebuffer.from_url("memory://?delay=2", flush=write_rows)
+        buf = MemoryBuffer(flush=write_rows, delay=2.0, max_rows=50_000, overflow="block")
+
+    :param flush: the host's flush callback.
+    :param delay: seconds from a row's first buffered update until it is flushed (default 0).
+    :param batch_size: rows per flush callback call (default 500).
+    :param max_rows: most pending rows held; see *overflow* (default 100,000).
+    :param overflow: when *max_rows* are pending and a new row arrives: ``"flush"`` (the calling
+        thread flushes the oldest batch inline, default), ``"block"`` (wait up to
+        *block_timeout* for a flusher to make room) or ``"raise"`` (:class:`BufferFullError`).
+    :param block_timeout: seconds ``"block"`` waits before raising :class:`BufferFullError`.
+    :param max_attempts: deliveries of a failing batch before it is split to isolate failing rows;
+        a row failing alone this often is dead-lettered (default 5).
+    :param retry_backoff: seconds before the first redelivery; doubles per attempt, jittered.
+    :param retry_backoff_max: cap of the redelivery backoff.
+    :param drain_on_close: whether :meth:`close` drains pending rows (default true).
+    """
+
+    #: Typed options accepted in the URL query or as keywords.
+    OPTIONS: ClassVar[Mapping[str, Option]] = {
+        "delay": duration(0.0),
+        "batch_size": count(500),
+        "max_rows": count(100_000),
+        "overflow": choice("flush", *_OVERFLOW),
+        "block_timeout": duration(10.0),
+        "max_attempts": count(5),
+        "retry_backoff": duration(0.5),
+        "retry_backoff_max": duration(60.0),
+        "drain_on_close": boolean(True),
+    }
+
+    def __init__(
+        self,
+        *,
+        flush: FlushCallback,
+        delay: float = 0.0,
+        batch_size: int = 500,
+        max_rows: int = 100_000,
+        overflow: str = "flush",
+        block_timeout: float = 10.0,
+        max_attempts: int = 5,
+        retry_backoff: float = 0.5,
+        retry_backoff_max: float = 60.0,
+        drain_on_close: bool = True,
+    ) -> None:
+        if not callable(flush):
+            raise ConfigurationError(f"flush must be callable, got {type(flush).__qualname__}")
+        checked = parse_options(
+            "memory",
+            self.OPTIONS,
+            "",
+            {
+                "delay": delay,
+                "batch_size": batch_size,
+                "max_rows": max_rows,
+                "overflow": overflow,
+                "block_timeout": block_timeout,
+                "max_attempts": max_attempts,
+                "retry_backoff": retry_backoff,
+                "retry_backoff_max": retry_backoff_max,
+                "drain_on_close": drain_on_close,
+            },
+        )
+        self._flush = flush
+        self.delay: float = checked["delay"]
+        self.batch_size: int = checked["batch_size"]
+        self.max_rows: int = checked["max_rows"]
+        self.overflow: str = checked["overflow"]
+        self.block_timeout: float = checked["block_timeout"]
+        self.max_attempts: int = checked["max_attempts"]
+        self.retry_backoff: float = checked["retry_backoff"]
+        self.retry_backoff_max: float = checked["retry_backoff_max"]
+        self.drain_on_close: bool = checked["drain_on_close"]
+        self._init_state()
+        _instances.add(self)
+
+    def _init_state(self) -> None:
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        # Insertion order is first-buffered order: a claimed row that gets new updates starts a
+        # new entry at the end, so scanning from the front claims the oldest rows first.
+        self._pending: dict[Hashable, _Row] = {}
+        self._flights: dict[str, _Flight] = {}
+        self._busy: dict[Hashable, str] = {}
+        self._dead: list[DeadLetter] = []
+        self._closed = False
+        self._accepted = 0
+        self._flushed = 0
+        self._failures = 0
+        self._retries = 0
+        self._dead_total = 0
+
+    def _reset_after_fork(self) -> None:
+        # The parent owns (and will flush) everything buffered before fork(); a child that kept
+        # a copy would flush it a second time. The lock may have been held at fork: replace it.
+        self._init_state()
+
+    @classmethod
+    def from_url(cls, url: str, *, flush: FlushCallback, **options: Any) -> Self:
+        """Build a memory buffer from ``memory://?option=value`` and keyword options.
+
+        :raises ConfigurationError: the URL has a host or path, or an option is invalid.
+        """
+        parts = urlsplit(url)
+        if parts.scheme != "memory":
+            raise ConfigurationError(f"memory backend URLs start with 'memory://', got {url!r}")
+        if parts.netloc or parts.path.strip("/"):
+            raise ConfigurationError(
+                f"memory backend URLs take no host or path, got {url!r}; use 'memory://?delay=1'"
+            )
+        return cls(flush=flush, **parse_options("memory", cls.OPTIONS, url, options))
+
+    def __repr__(self) -> str:
+        return (
+            f"MemoryBuffer(delay={self.delay}, batch_size={self.batch_size}, "
+            f"max_rows={self.max_rows}, overflow={self.overflow!r})"
+        )
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def incr(
+        self,
+        model: str,
+        columns: Mapping[str, Number] | None = None,
+        filters: Mapping[str, Value] | None = None,
+        extra: Mapping[str, Value] | None = None,
+        *,
+        greatest: Mapping[str, Value] | None = None,
+        least: Mapping[str, Value] | None = None,
+        signal_only: bool = False,
+    ) -> None:
+        """Buffer one update of the row ``(model, filters)`` (see :meth:`Buffer.incr`).
+
+        :raises InvalidUpdateError: invalid name, type or value, or an integer sum leaving signed
+            64-bit; nothing is stored.
+        :raises BufferFullError: *max_rows* are pending and *overflow* is ``"raise"`` (or
+            ``"block"`` timed out).
+        :raises UpdateBufferError: the buffer is closed.
+        """
+        if not filters:
+            _require_filters(filters)
+        key = row_identity(model, filters)
+        cols = check_columns(columns)
+        ext = check_values(extra, "extra") if extra else {}
+        most = check_ordered(greatest, "greatest") if greatest else {}
+        fewest = check_ordered(least, "least") if least else {}
+        if signal_only is not True and signal_only is not False:
+            raise InvalidUpdateError(
+                f"signal_only must be a bool, got {type(signal_only).__qualname__}",
+                field="signal_only",
+                expected="bool",
+                got=type(signal_only).__qualname__,
+            )
+        deadline: float | None = None
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise UpdateBufferError("incr() on a closed buffer")
+                row = self._pending.get(key)
+                if row is not None:
+                    _merge_into(row, cols, ext, most, fewest, signal_only)
+                    self._accepted += 1
+                    return
+                if len(self._pending) < self.max_rows:
+                    self._pending[key] = _Row(
+                        model,
+                        dict(filters),  # type: ignore[arg-type]  # checked by row_identity
+                        cols,
+                        ext,
+                        most,
+                        fewest,
+                        signal_only,
+                        time.time(),
+                    )
+                    self._accepted += 1
+                    return
+                if self.overflow == "raise":
+                    raise BufferFullError(
+                        f"memory buffer holds max_rows={self.max_rows} pending rows; "
+                        "flush more often, raise max_rows, or use overflow='flush'"
+                    )
+                flight = self._claim_rows(float("inf")) if self.overflow == "flush" else None
+                # "block", or "flush" with every pending row waiting on a live batch: wait.
+                if flight is None:
+                    now = time.monotonic()
+                    if deadline is None:
+                        deadline = now + self.block_timeout
+                    if now >= deadline or not self._room.wait(deadline - now):
+                        raise BufferFullError(
+                            f"memory buffer stayed full (max_rows={self.max_rows}) for "
+                            f"block_timeout={self.block_timeout}s; is a Flusher running?"
+                        )
+                    continue
+            # overflow == "flush": deliver the oldest rows from this thread, then try again.
+            self._deliver(flight)
+
+    # -- flushing --------------------------------------------------------------------------
+
+    def process_pending(self) -> int:
+        """Flush rows whose delay has elapsed and failed batches whose backoff has elapsed.
+
+        Rows first buffered after this call started wait for the next call, so a steady stream
+        of updates cannot keep it busy forever.
+
+        :return: rows whose flush callback returned.
+        """
+        return self._run(drain=False)
+
+    def drain(self) -> int:
+        """Flush every pending row and retry every failed batch once, ignoring delay and backoff.
+
+        :return: rows whose flush callback returned.
+        """
+        return self._run(drain=True)
+
+    def _run(self, *, drain: bool) -> int:
+        start = time.time()
+        cutoff = start if drain else start - self.delay
+        tried: set[str] = set()
+        flushed = 0
+        while True:
+            with self._lock:
+                flight = self._claim_retry(time.time(), drain, tried)
+                if flight is None:
+                    flight = self._claim_rows(cutoff)
+            if flight is None:
+                return flushed
+            tried.add(flight.id)
+            flushed += self._deliver(flight)
+
+    def _claim_retry(self, now: float, drain: bool, tried: set[str]) -> _Flight | None:
+        chosen: _Flight | None = None
+        for flight in self._flights.values():
+            if flight.running or flight.id in tried:
+                continue
+            if (drain or flight.not_before <= now) and (
+                chosen is None or flight.not_before < chosen.not_before
+            ):
+                chosen = flight
+        if chosen is not None:
+            chosen.running = True
+        return chosen
+
+    def _claim_rows(self, cutoff: float) -> _Flight | None:
+        keys: list[Hashable] = []
+        for key, row in self._pending.items():
+            if row.first_buffered > cutoff:
+                break
+            # A row whose earlier data is still in a live batch waits: delivering both at once
+            # could apply an older `extra` after a newer one.
+            if key in self._busy:
+                continue
+            keys.append(key)
+            if len(keys) >= self.batch_size:
+                break
+        if not keys:
+            return None
+        flight = _Flight(
+            uuid.uuid4().hex, tuple(keys), tuple(self._pending.pop(k).freeze() for k in keys)
+        )
+        for key in keys:
+            self._busy[key] = flight.id
+        self._flights[flight.id] = flight
+        self._room.notify_all()
+        return flight
+
+    def _deliver(self, flight: _Flight) -> int:
+        batch = Batch(flight.updates, id=flight.id, attempt=flight.attempt)
+        try:
+            self._flush(batch)
+        except BaseException as exc:
+            log.warning(
+                "flush callback failed for batch %s (attempt %d, %d rows); keeping it for retry",
+                batch.id,
+                batch.attempt,
+                len(batch),
+                exc_info=True,
+            )
+            with self._lock:
+                self._failed(flight, exc)
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt/SystemExit: the batch is kept, the signal goes on.
+            return 0
+        with self._lock:
+            self._flights.pop(flight.id, None)
+            for key in flight.keys:
+                if self._busy.get(key) == flight.id:
+                    del self._busy[key]
+            self._flushed += len(flight.updates)
+            if flight.attempt > 1:
+                self._retries += 1
+        return len(flight.updates)
+
+    def _failed(self, flight: _Flight, exc: BaseException) -> None:
+        self._failures += 1
+        if flight.attempt > 1:
+            self._retries += 1
+        now = time.time()
+        if flight.attempt < self.max_attempts:
+            flight.attempt += 1
+            flight.not_before = now + backoff_delay(
+                flight.attempt, self.retry_backoff, self.retry_backoff_max
+            )
+            flight.running = False
+            return
+        del self._flights[flight.id]
+        if len(flight.updates) == 1:
+            key = flight.keys[0]
+            if self._busy.get(key) == flight.id:
+                del self._busy[key]
+            self._dead.append(DeadLetter(flight.updates[0], flight.id, flight.attempt, repr(exc), now))
+            self._dead_total += 1
+            log.error(
+                "row %s %r dead-lettered after %d failed deliveries of batch %s: %r",
+                flight.updates[0].model,
+                flight.updates[0].filters,
+                flight.attempt,
+                flight.id,
+                exc,
+            )
+            return
+        pairs = list(zip(flight.keys, flight.updates))
+        for child_id, part in split_batch(flight.id, pairs):
+            child = _Flight(child_id, tuple(k for k, _ in part), tuple(u for _, u in part))
+            child.running = False  # eligible at once: isolating the failing rows is the point
+            self._flights[child_id] = child
+            for key in child.keys:
+                self._busy[key] = child_id
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get(self, model: str, filters: Mapping[str, Value]) -> Update | None:
+        """Return the not yet flushed update of a row (pending and in-flight parts merged).
+
+        :raises InvalidUpdateError: the model or filters are invalid.
+        """
+        key = row_identity(model, filters)
+        with self._lock:
+            parts: list[Update] = []
+            flight_id = self._busy.get(key)
+            if flight_id is not None and flight_id in self._flights:
+                flight = self._flights[flight_id]
+                parts.append(flight.updates[flight.keys.index(key)])
+            row = self._pending.get(key)
+            if row is not None:
+                parts.append(row.freeze())
+        if not parts:
+            return None
+        merged = parts[0]
+        for later in parts[1:]:
+            merged = merge_updates(merged, later)
+        return merged
+
+    def stats(self) -> BufferStats:
+        """Return a snapshot of pending, in-flight and dead-lettered rows and lifetime totals."""
+        with self._lock:
+            oldest = next(iter(self._pending.values()), None)
+            return BufferStats(
+                pending_rows=len(self._pending),
+                oldest_pending_age=None if oldest is None else time.time() - oldest.first_buffered,
+                in_flight_batches=len(self._flights),
+                in_flight_rows=sum(len(f.updates) for f in self._flights.values()),
+                dead_letters=len(self._dead),
+                updates_accepted=self._accepted,
+                rows_flushed=self._flushed,
+                callback_failures=self._failures,
+                retries=self._retries,
+                dead_lettered=self._dead_total,
+            )
+
+    # -- dead letters ----------------------------------------------------------------------
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Return the rows that failed alone ``max_attempts`` times, oldest first."""
+        with self._lock:
+            return list(self._dead)
+
+    def replay_dead_letters(self) -> int:
+        """Put every dead-lettered row back into the pending rows; return how many.
+
+        A replayed row merges *before* any newer pending data of the same row, so a newer
+        ``extra`` still wins.
+        """
+        with self._lock:
+            dead, self._dead = self._dead, []
+            for letter in dead:
+                update = letter.update
+                key = row_identity(update.model, update.filters)
+                newer = self._pending.pop(key, None)
+                merged = update if newer is None else merge_updates(update, newer.freeze())
+                self._pending[key] = _row_from_update(merged)
+            return len(dead)
+
+    def purge_dead_letters(self) -> int:
+        """Delete every dead-lettered row; return how many were deleted."""
+        with self._lock:
+            purged = len(self._dead)
+            self._dead = []
+            return purged
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop accepting updates and, if *drain_on_close*, drain; idempotent.
+
+        Rows whose flush keeps failing stay in :meth:`dead_letters` / in-flight state and are
+        logged as an error: they are lost when the process exits.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._room.notify_all()
+        if self.drain_on_close:
+            self.drain()
+        left = self.stats()
+        if left.pending_rows or left.in_flight_rows or left.dead_letters:
+            log.error(
+                "memory buffer closed with %d pending, %d in-flight and %d dead-lettered rows "
+                "not flushed; they are lost when this process exits",
+                left.pending_rows,
+                left.in_flight_rows,
+                left.dead_letters,
+            )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _require_filters(filters: object) -> None:
+    if filters is None or (isinstance(filters, Mapping) and not filters):
+        raise InvalidUpdateError(
+            "filters must identify a row: give at least one column, e.g. {'id': 42}",
+            field="filters",
+            expected="non-empty Mapping[str, Value]",
+            got=type(filters).__qualname__,
+        )
+
+
+def _merge_into(
+    row: _Row,
+    cols: dict[str, Number],
+    ext: dict[str, Value],
+    most: dict[str, Value],
+    fewest: dict[str, Value],
+    signal_only: bool,
+) -> None:
+    # Compute every change first and apply them after: a rejected update leaves the row as is.
+    sums: list[tuple[str, Number]] = []
+    current = row.columns
+    for name, delta in cols.items():
+        old = current.get(name)
+        total = delta if old is None else old + delta
+        if type(total) is int and (total > INT64_MAX or total < INT64_MIN):
+            check_sum(name, total)
+        sums.append((name, total))
+    picks: list[tuple[dict[str, Value], str, Value]] = []
+    for what, incoming, held, greater in (
+        ("greatest", most, row.greatest, True),
+        ("least", fewest, row.least, False),
+    ):
+        for name, value in incoming.items():
+            if name not in held or ordered_pick(what, name, held[name], value, greater):
+                picks.append((held, name, value))
+    for name, total in sums:
+        current[name] = total
+    for held, name, value in picks:
+        held[name] = value
+    if ext:
+        row.extra.update(ext)
+    if not signal_only:
+        row.signal_only = False
+    row.count += 1
+
+
+def _row_from_update(update: Update) -> _Row:
+    row = _Row(
+        update.model,
+        dict(update.filters),
+        dict(update.columns),
+        dict(update.extra),
+        dict(update.greatest),
+        dict(update.least),
+        update.signal_only,
+        update.first_buffered,
+    )
+    row.count = update.count
+    return row

@@ -1,0 +1,188 @@
+"""Canonical, typed, self-delimiting encoding of values.
+
+Every value is written as ``tag`` (one ASCII byte) + ``length`` (unsigned LEB128) + ``payload``,
+so concatenations decode unambiguously and the encoding is injective: ``1``, ``"1"``, ``1.0``,
+``True`` and ``Decimal("1")`` all encode differently. Decoding is a table lookup on the tag and a
+constructor call on the payload; it never imports, evaluates or unpickles anything, so data read
+back from a shared store cannot execute code.
+
+The byte layout is frozen per :data:`CODEC_VERSION`; golden vectors in the tests pin it, because
+changing it would orphan rows already buffered in Redis.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import math
+import struct
+import uuid
+from collections.abc import Iterator
+
+from updatebuffer._types import Value
+from updatebuffer.errors import InvalidUpdateError
+
+__all__ = [
+    "CODEC_VERSION",
+    "SUPPORTED_TYPES",
+    "check_value",
+    "decode_value",
+    "decode_values",
+    "encode_value",
+    "type_name",
+]
+
+#: Version of the byte layout; part of every Redis key name.
+CODEC_VERSION = 1
+
+#: Human-readable list of accepted value types, used in error messages.
+SUPPORTED_TYPES = (
+    "None, bool, int, float (finite), str, bytes, decimal.Decimal (finite), "
+    "datetime.datetime (timezone-aware), datetime.date, uuid.UUID"
+)
+
+_DOUBLE = struct.Struct(">d")
+
+
+def type_name(value: object) -> str:
+    """Return the qualified type name of *value* for error messages."""
+    cls = type(value)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def _reject(field: str, value: object, reason: str = "") -> InvalidUpdateError:
+    got = type_name(value)
+    detail = f" ({reason})" if reason else ""
+    return InvalidUpdateError(
+        f"{field}: unsupported value of type {got}{detail}; supported: {SUPPORTED_TYPES}",
+        field=field,
+        expected=SUPPORTED_TYPES,
+        got=got,
+    )
+
+
+def _payload(value: object, field: str) -> tuple[bytes, bytes]:
+    # Order matters: bool before int (bool is an int), datetime before date (likewise).
+    if value is None:
+        return b"N", b""
+    if isinstance(value, bool):
+        return (b"T" if value else b"F"), b""
+    if isinstance(value, int):
+        return b"i", str(int(value)).encode("ascii")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _reject(field, value, f"{value!r} is not finite")
+        return b"f", _DOUBLE.pack(value)
+    if isinstance(value, str):
+        # surrogatepass keeps every Python str encodable, so no str is rejected.
+        return b"s", str.encode(value, "utf-8", "surrogatepass")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return b"b", bytes(value)
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            raise _reject(field, value, f"{value!r} is not finite")
+        # str() of a finite Decimal is exact and keeps the exponent (1.0 != 1.00 as rows).
+        return b"D", str(value).encode("ascii")
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise _reject(field, value, "naive datetime; attach a timezone, e.g. tz=UTC")
+        return b"t", value.isoformat().encode("ascii")
+    if isinstance(value, datetime.date):
+        return b"d", value.isoformat().encode("ascii")
+    if isinstance(value, uuid.UUID):
+        return b"u", value.bytes
+    raise _reject(field, value)
+
+
+def _uleb128(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_value(value: object, field: str = "value") -> bytes:
+    """Encode one value canonically.
+
+    :param value: a value of one of the supported types (:data:`SUPPORTED_TYPES`).
+    :param field: the field name used in the error message.
+    :raises InvalidUpdateError: the type is unsupported, a float or Decimal is not finite, or a
+        datetime is naive.
+    """
+    tag, payload = _payload(value, field)
+    return tag + _uleb128(len(payload)) + payload
+
+
+def check_value(value: object, field: str) -> None:
+    """Raise :class:`InvalidUpdateError` naming *field* unless *value* is encodable."""
+    _payload(value, field)
+
+
+def _decode_datetime(raw: bytes) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(raw.decode("ascii"))
+
+
+_DECODERS = {
+    b"N": lambda raw: None,
+    b"T": lambda raw: True,
+    b"F": lambda raw: False,
+    b"i": lambda raw: int(raw.decode("ascii")),
+    b"f": lambda raw: _DOUBLE.unpack(raw)[0],
+    b"s": lambda raw: raw.decode("utf-8", "surrogatepass"),
+    b"b": bytes,
+    b"D": lambda raw: decimal.Decimal(raw.decode("ascii")),
+    b"t": _decode_datetime,
+    b"d": lambda raw: datetime.date.fromisoformat(raw.decode("ascii")),
+    b"u": lambda raw: uuid.UUID(bytes=raw),
+}
+
+
+def _decode_at(data: bytes, pos: int) -> tuple[Value, int]:
+    try:
+        tag = data[pos : pos + 1]
+        pos += 1
+        length = 0
+        shift = 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        end = pos + length
+        if end > len(data):
+            raise ValueError("truncated payload")
+        decoder = _DECODERS[tag]
+        value: Value = decoder(data[pos:end])
+    except (IndexError, KeyError, ValueError, UnicodeDecodeError, struct.error) as exc:
+        raise ValueError(f"corrupt encoded value at offset {pos}: {exc!r}") from exc
+    return value, end
+
+
+def decode_value(data: bytes) -> Value:
+    """Decode bytes produced by :func:`encode_value`.
+
+    :raises ValueError: the bytes are not exactly one encoded value.
+    """
+    value, end = _decode_at(data, 0)
+    if end != len(data):
+        raise ValueError(f"trailing bytes after encoded value at offset {end}")
+    return value
+
+
+def decode_values(data: bytes, start: int = 0) -> Iterator[Value]:
+    """Decode a concatenation of encoded values, from offset *start* to the end.
+
+    :raises ValueError: the bytes are corrupt.
+    """
+    pos = start
+    while pos < len(data):
+        value, pos = _decode_at(data, pos)
+        yield value

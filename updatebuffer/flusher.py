@@ -1,0 +1,134 @@
+"""A background thread that calls ``process_pending()`` on a buffer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from types import TracebackType
+
+from typing_extensions import Self
+
+from updatebuffer.buffer import Buffer
+from updatebuffer.errors import ConfigurationError
+
+__all__ = ["Flusher"]
+
+log = logging.getLogger(__name__)
+
+_running: weakref.WeakSet[Flusher] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # Threads do not survive fork(): a child sees a Flusher that looks started but whose thread
+    # is gone. Mark it stopped so the child can start its own.
+    for flusher in list(_running):
+        flusher._forget_thread()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Flusher:
+    """Flush a buffer from a daemon thread until stopped.
+
+    It calls ``buffer.process_pending()`` and sleeps *interval* seconds between calls that found
+    nothing to flush; while calls keep flushing rows it loops without sleeping. :meth:`stop`
+    finishes the batch in hand, then drains the buffer (unless told not to).
+
+    Example::
+
+        with updatebuffer.Flusher(buf, interval=1.0):
+            serve_forever()
+
+    :param buffer: the buffer to flush.
+    :param interval: seconds to sleep when a call flushed nothing (default 1.0).
+    :param name: the thread name.
+    """
+
+    def __init__(
+        self, buffer: Buffer, *, interval: float = 1.0, name: str = "updatebuffer-flusher"
+    ) -> None:
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
+            raise ConfigurationError(f"interval must be a positive number of seconds, got {interval!r}")
+        self.buffer = buffer
+        self.interval = float(interval)
+        self.name = name
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        #: Exceptions raised by ``process_pending`` are logged and counted here; the loop goes on.
+        self.errors = 0
+
+    def start(self) -> Self:
+        """Start the thread; starting a running flusher is an error.
+
+        :raises RuntimeError: the flusher is already running.
+        """
+        with self._lock:
+            if self._thread is not None:
+                raise RuntimeError("Flusher already started")
+            self._stopping = False
+            self._wake.clear()
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            self._thread.start()
+            _running.add(self)
+        return self
+
+    @property
+    def running(self) -> bool:
+        """Whether the background thread is alive."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                flushed = self.buffer.process_pending()
+            except Exception:
+                # A backend outage must not kill the thread: log, back off, try again.
+                self.errors += 1
+                log.exception("process_pending() failed; retrying in %.3fs", self.interval)
+                flushed = 0
+            if flushed == 0 and not self._stopping:
+                self._wake.wait(self.interval)
+
+    def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop the thread after the batch in hand, then drain the buffer; idempotent.
+
+        :param drain: call ``buffer.drain()`` once the thread stopped.
+        :param timeout: seconds to wait for the thread; ``None`` waits as long as it takes.
+        """
+        with self._lock:
+            thread = self._thread
+            self._stopping = True
+            self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("flusher thread still busy after %.3fs", timeout)
+                return
+        with self._lock:
+            self._thread = None
+            _running.discard(self)
+        if drain:
+            self.buffer.drain()
+
+    def _forget_thread(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

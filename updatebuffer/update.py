@@ -1,0 +1,165 @@
+"""The values a buffer hands to the host: :class:`Update`, :class:`Batch`, :class:`BufferStats`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, overload
+
+from typing_extensions import TypeAlias
+
+from updatebuffer._types import Number, Value
+
+__all__ = ["Batch", "BufferStats", "FlushCallback", "Update", "merge_updates"]
+
+
+def _empty() -> Mapping[str, Value]:
+    return {}
+
+
+def _empty_numbers() -> Mapping[str, Number]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Update:
+    """The merged pending state of one row.
+
+    :param model: the model (table) name.
+    :param filters: column name to value, identifying the row.
+    :param columns: column name to summed numeric delta (``col = col + delta``).
+    :param extra: column name to the value of the latest ``incr`` (``col = value``).
+    :param greatest: column name to the largest value seen (``col = max(col, value)``).
+    :param least: column name to the smallest value seen (``col = min(col, value)``).
+    :param signal_only: true only if every merged ``incr`` was a signal-only update.
+    :param count: how many ``incr`` calls were merged into this update.
+    :param first_buffered: epoch seconds of the oldest merged ``incr``.
+    """
+
+    model: str
+    filters: Mapping[str, Value]
+    columns: Mapping[str, Number] = field(default_factory=_empty_numbers)
+    extra: Mapping[str, Value] = field(default_factory=_empty)
+    greatest: Mapping[str, Value] = field(default_factory=_empty)
+    least: Mapping[str, Value] = field(default_factory=_empty)
+    signal_only: bool = False
+    count: int = 1
+    first_buffered: float = 0.0
+
+
+def _pick(
+    a: Mapping[str, Value], b: Mapping[str, Value], keep_b: Callable[[Value, Value], bool]
+) -> dict[str, Value]:
+    out = dict(a)
+    for name, value in b.items():
+        if name not in out or keep_b(out[name], value):
+            out[name] = value
+    return out
+
+
+def _greater(old: Value, new: Value) -> bool:
+    return new > old  # type: ignore[operator]  # callers only merge values of one ordered family
+
+
+def _less(old: Value, new: Value) -> bool:
+    return new < old  # type: ignore[operator]  # callers only merge values of one ordered family
+
+
+def merge_updates(earlier: Update, later: Update) -> Update:
+    """Merge two updates of the same row; *later* is the one buffered after *earlier*.
+
+    Sums ``columns``, lets *later* win for ``extra``, keeps the max for ``greatest`` and the min
+    for ``least``, and ANDs ``signal_only``. ``count`` adds up; ``first_buffered`` is the minimum.
+    """
+    columns: dict[str, Number] = dict(earlier.columns)
+    for name, delta in later.columns.items():
+        columns[name] = columns.get(name, 0) + delta
+    return Update(
+        model=earlier.model,
+        filters=earlier.filters,
+        columns=columns,
+        extra={**earlier.extra, **later.extra},
+        greatest=_pick(earlier.greatest, later.greatest, _greater),
+        least=_pick(earlier.least, later.least, _less),
+        signal_only=earlier.signal_only and later.signal_only,
+        count=earlier.count + later.count,
+        first_buffered=min(earlier.first_buffered, later.first_buffered),
+    )
+
+
+class Batch(Sequence[Update]):
+    """The pending rows handed to the flush callback in one call.
+
+    A batch that is delivered again (after a callback error or a crashed worker) keeps its
+    :attr:`id` and gets ``attempt + 1``. A host that records ``id`` in the same transaction as its
+    writes applies each batch effectively once. A batch never holds two updates of the same row.
+
+    :param updates: the rows.
+    :param id: stable batch identifier.
+    :param attempt: delivery attempt, 1 on first delivery.
+    """
+
+    __slots__ = ("_updates", "attempt", "id")
+
+    def __init__(self, updates: Sequence[Update], *, id: str, attempt: int = 1) -> None:  # noqa: A002  # the contract names it `id`
+        self._updates = tuple(updates)
+        self.id = id
+        self.attempt = attempt
+
+    @overload
+    def __getitem__(self, index: int) -> Update: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Update]: ...
+    def __getitem__(self, index: int | slice) -> Update | Sequence[Update]:
+        return self._updates[index]
+
+    def __len__(self) -> int:
+        return len(self._updates)
+
+    def __iter__(self) -> Iterator[Update]:
+        return iter(self._updates)
+
+    def __repr__(self) -> str:
+        return f"Batch(id={self.id!r}, attempt={self.attempt}, rows={len(self._updates)})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Batch):
+            return NotImplemented
+        return (self.id, self.attempt, self._updates) == (other.id, other.attempt, other._updates)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking container; equality is by value
+
+
+#: The host's flush function: write the batch, return on success, raise to have it redelivered.
+FlushCallback: TypeAlias = Callable[[Batch], None]
+
+
+@dataclass(frozen=True)
+class BufferStats:
+    """A snapshot of a buffer's state and lifetime totals.
+
+    :param pending_rows: rows buffered and not yet claimed by a flush.
+    :param oldest_pending_age: seconds since the oldest pending row's first update, or ``None``.
+    :param in_flight_batches: batches claimed and not yet acknowledged (including those waiting
+        for a retry).
+    :param in_flight_rows: rows in those batches.
+    :param dead_letters: rows currently in the dead-letter store.
+    :param updates_accepted: ``incr`` calls accepted since the buffer was created.
+    :param rows_flushed: rows whose flush callback returned.
+    :param callback_failures: flush callback calls that raised.
+    :param retries: batch deliveries with ``attempt > 1``.
+    :param dead_lettered: rows moved to the dead-letter store since creation.
+    :param pending_by_partition: pending rows per node/partition, for backends that partition.
+    """
+
+    pending_rows: int
+    oldest_pending_age: float | None
+    in_flight_batches: int
+    in_flight_rows: int
+    dead_letters: int
+    updates_accepted: int
+    rows_flushed: int
+    callback_failures: int
+    retries: int
+    dead_lettered: int
+    pending_by_partition: Mapping[str, int] = field(default_factory=dict)
