@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from updatebuffer.update import Update
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from updatebuffer.update import Update
 
 __all__ = ["DeadLetter", "backoff_delay", "split_batch"]
 
@@ -21,7 +23,7 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
     while never retrying sooner than half the nominal delay.
     """
     nominal = min(cap, base * 2.0 ** max(0, attempt - 2))
-    return nominal * random.uniform(0.5, 1.0)  # noqa: S311  # jitter, not cryptography
+    return nominal * random.uniform(0.5, 1.0)  # jitter, not cryptography
 
 
 def split_batch(batch_id: str, rows: Sequence[T]) -> list[tuple[str, Sequence[T]]]:

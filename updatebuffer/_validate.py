@@ -7,12 +7,14 @@ import decimal
 import math
 import uuid
 from collections.abc import Hashable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from updatebuffer._types import Number, Value
 from updatebuffer.codec import check_value, decode_value, encode_value, type_name
 from updatebuffer.errors import InvalidUpdateError
 from updatebuffer.keys import check_name
+
+if TYPE_CHECKING:
+    from updatebuffer._types import Number, Value
 
 __all__ = [
     "INT64_MAX",
@@ -66,9 +68,10 @@ def _filter_part(name: str, value: object) -> tuple[str, str, Any]:
 
 
 def row_identity(model: object, filters: object) -> Hashable:
-    """Return a hashable identity of ``(model, filters)`` equal exactly when the rows' canonical
-    encodings (:func:`updatebuffer.keys.encode_row`) are equal, computed without encoding the
-    common value types.
+    """Return a hashable identity of ``(model, filters)``, cheaper than the canonical bytes.
+
+    Two identities are equal exactly when the rows' canonical encodings
+    (:func:`updatebuffer.keys.encode_row`) are equal; common value types skip the encoding.
 
     :raises InvalidUpdateError: the model, a filter name or a filter value is invalid.
     """
@@ -81,13 +84,10 @@ def row_identity(model: object, filters: object) -> Hashable:
             if type(name) is not str or not name:
                 check_name(name, "filters key")
             return (model, _filter_part(name, value))
-    parts = []
     for name in filters:
         if type(name) is not str or not name:
             check_name(name, "filters key")
-    for name in sorted(filters):
-        parts.append(_filter_part(name, filters[name]))
-    return (model, *parts)
+    return (model, *[_filter_part(name, filters[name]) for name in sorted(filters)])
 
 
 def check_columns(columns: object) -> dict[str, Number]:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import TracebackType
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from typing_extensions import Self
 
-from updatebuffer._types import Number, Value
-from updatebuffer.update import BufferStats, Update
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from types import TracebackType
+
+    from updatebuffer._types import Number, Value
+    from updatebuffer.update import BufferStats, Update
 
 __all__ = ["Buffer"]
 

@@ -17,10 +17,14 @@ import decimal
 import math
 import struct
 import uuid
-from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from updatebuffer._types import Value
 from updatebuffer.errors import InvalidUpdateError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from updatebuffer._types import Value
 
 __all__ = [
     "CODEC_VERSION",
@@ -128,7 +132,7 @@ def _decode_datetime(raw: bytes) -> datetime.datetime:
     return datetime.datetime.fromisoformat(raw.decode("ascii"))
 
 
-_DECODERS = {
+_DECODERS: dict[bytes, Callable[[bytes], Value]] = {
     b"N": lambda raw: None,
     b"T": lambda raw: True,
     b"F": lambda raw: False,

@@ -8,12 +8,14 @@ values and an option given twice (URL *and* keyword: neither silently wins).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from updatebuffer.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
 
 __all__ = [
     "Option",
@@ -53,7 +55,7 @@ def _number(value: object, kinds: tuple[type, ...]) -> float:
 
 
 def duration(default: float, *, minimum: float = 0.0) -> Option:
-    """A duration in float seconds (``delay=0.5``), finite and ``>= minimum``."""
+    """Declare a duration in float seconds (``delay=0.5``), finite and ``>= minimum``."""
 
     def check(value: object) -> float:
         seconds = _number(value, (int, float))
@@ -65,7 +67,7 @@ def duration(default: float, *, minimum: float = 0.0) -> Option:
 
 
 def count(default: int | None, *, minimum: int = 1) -> Option:
-    """A whole count (``batch_size=500``), ``>= minimum``."""
+    """Declare a whole count (``batch_size=500``), ``>= minimum``."""
 
     def check(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -89,7 +91,7 @@ def choice(default: str, *choices: str) -> Option:
 
 
 def boolean(default: bool) -> Option:
-    """A flag: keyword ``bool``, or ``true/false/1/0/yes/no/on/off`` in a URL."""
+    """Declare a flag: keyword ``bool``, or ``true/false/1/0/yes/no/on/off`` in a URL."""
 
     def parse(text: str) -> bool:
         lowered = text.lower()
@@ -108,7 +110,7 @@ def boolean(default: bool) -> Option:
 
 
 def text(default: str | None) -> Option:
-    """A free-form non-empty string."""
+    """Declare a free-form non-empty string."""
 
     def check(value: object) -> str:
         if not isinstance(value, str) or not value:

@@ -6,12 +6,16 @@ import logging
 import os
 import threading
 import weakref
-from types import TracebackType
+from typing import TYPE_CHECKING
 
 from typing_extensions import Self
 
-from updatebuffer.buffer import Buffer
 from updatebuffer.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from updatebuffer.buffer import Buffer
 
 __all__ = ["Flusher"]
 
@@ -51,8 +55,11 @@ class Flusher:
     def __init__(
         self, buffer: Buffer, *, interval: float = 1.0, name: str = "updatebuffer-flusher"
     ) -> None:
-        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
-            raise ConfigurationError(f"interval must be a positive number of seconds, got {interval!r}")
+        given: object = interval  # checked at runtime: configs often come from untyped settings
+        if isinstance(given, bool) or not isinstance(given, (int, float)) or given <= 0:
+            raise ConfigurationError(
+                f"interval must be a positive number of seconds, got {interval!r}"
+            )
         self.buffer = buffer
         self.interval = float(interval)
         self.name = name

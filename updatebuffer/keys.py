@@ -16,10 +16,13 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from updatebuffer._types import Value
 from updatebuffer.codec import decode_values, encode_value
 from updatebuffer.errors import InvalidUpdateError
+
+if TYPE_CHECKING:
+    from updatebuffer._types import Value
 
 __all__ = [
     "KEY_VERSION",
@@ -56,7 +59,9 @@ def check_name(name: object, field: str) -> str:
         )
     if not name:
         raise InvalidUpdateError(
-            f"{field} must be a non-empty str, got ''", field=field, expected="non-empty str",
+            f"{field} must be a non-empty str, got ''",
+            field=field,
+            expected="non-empty str",
             got="str",
         )
     return name
@@ -93,9 +98,7 @@ def encode_row(model: str, filters: Mapping[str, Value]) -> bytes:
             got=type(filters).__qualname__,
         )
     parts = [_VERSION_BYTE, encode_value(model, "model"), encode_value(len(filters), "filters")]
-    names = []
-    for name in filters:
-        names.append(check_name(name, "filters key"))
+    names = [check_name(name, "filters key") for name in filters]
     for name in sorted(names):
         parts.append(encode_value(name, "filters key"))
         parts.append(encode_value(filters[name], f"filters[{name!r}]"))
@@ -117,7 +120,7 @@ def decode_row(canonical: bytes) -> tuple[str, dict[str, Value]]:
     if len(rest) != 2 * count:
         raise ValueError("corrupt row key: filter count does not match")
     filters: dict[str, Value] = {}
-    for name, value in zip(rest[::2], rest[1::2]):
+    for name, value in zip(rest[::2], rest[1::2], strict=True):
         if not isinstance(name, str):
             raise ValueError("corrupt row key: filter name is not a str")
         filters[name] = value

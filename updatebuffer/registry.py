@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from updatebuffer.config import mask_url
@@ -48,7 +48,7 @@ ROUTERS_GROUP = "updatebuffer.routers"
 # URL scheme heads that are spellings of another backend's name (TLS variants).
 _SCHEME_ALIASES = {"rediss": "redis"}
 
-Target = Union[type, str]
+Target = type | str
 
 _lock = threading.Lock()
 _registered: dict[str, dict[str, Target]] = {BACKENDS_GROUP: {}, ROUTERS_GROUP: {}}
@@ -95,7 +95,7 @@ def available_routers() -> list[str]:
     return _available(ROUTERS_GROUP)
 
 
-def _register(group: str, kind: str, name: str, target: Target, replace: bool) -> None:
+def _register(group: str, kind: str, name: object, target: object, replace: bool) -> None:
     if not isinstance(name, str) or not name or "+" in name or ":" in name:
         raise ConfigurationError(f"{kind} name must be a non-empty str without '+' or ':'")
     if not isinstance(target, (str, type)):
@@ -210,7 +210,9 @@ def make_router(router: str | PartitionRouter, n_nodes: int) -> PartitionRouter:
         return built
     nodes = getattr(router, "n_nodes", None)
     if nodes is not None and nodes != n_nodes:
-        raise ConfigurationError(f"router {router!r} routes to {nodes} nodes, but {n_nodes} are configured")
+        raise ConfigurationError(
+            f"router {router!r} routes to {nodes} nodes, but {n_nodes} are configured"
+        )
     return router
 
 

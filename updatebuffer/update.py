@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, overload
+from typing import TYPE_CHECKING, TypeAlias, overload
 
-from typing_extensions import TypeAlias
-
-from updatebuffer._types import Number, Value
+if TYPE_CHECKING:
+    from updatebuffer._types import Number, Value
 
 __all__ = ["Batch", "BufferStats", "FlushCallback", "Update", "merge_updates"]
 
@@ -101,7 +100,8 @@ class Batch(Sequence[Update]):
 
     __slots__ = ("_updates", "attempt", "id")
 
-    def __init__(self, updates: Sequence[Update], *, id: str, attempt: int = 1) -> None:  # noqa: A002  # the contract names it `id`
+    # `id` shadows the builtin because the public contract names the attribute `id`.
+    def __init__(self, updates: Sequence[Update], *, id: str, attempt: int = 1) -> None:
         self._updates = tuple(updates)
         self.id = id
         self.attempt = attempt

@@ -9,19 +9,22 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Mapping
-from types import TracebackType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from typing_extensions import Self
 
-from updatebuffer._types import Number, Value
 from updatebuffer._validate import check_columns, check_ordered, check_values, row_identity
 from updatebuffer.backends.memory import _require_filters
 from updatebuffer.config import Option, parse_options
 from updatebuffer.errors import ConfigurationError, InvalidUpdateError, UpdateBufferError
 from updatebuffer.update import Batch, BufferStats, FlushCallback, Update
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from types import TracebackType
+
+    from updatebuffer._types import Number, Value
 
 __all__ = ["DirectBuffer"]
 

@@ -15,14 +15,12 @@ import time
 import uuid
 import weakref
 from collections.abc import Hashable, Mapping
-from types import TracebackType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from typing_extensions import Self
 
 from updatebuffer._retry import DeadLetter, backoff_delay, split_batch
-from updatebuffer._types import Number, Value
 from updatebuffer._validate import (
     INT64_MAX,
     INT64_MIN,
@@ -41,6 +39,11 @@ from updatebuffer.errors import (
     UpdateBufferError,
 )
 from updatebuffer.update import Batch, BufferStats, FlushCallback, Update, merge_updates
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from updatebuffer._types import Number, Value
 
 __all__ = ["MemoryBuffer"]
 
@@ -104,7 +107,9 @@ class _Flight:
 
     __slots__ = ("attempt", "id", "keys", "not_before", "running", "updates")
 
-    def __init__(self, batch_id: str, keys: tuple[Hashable, ...], updates: tuple[Update, ...]):
+    def __init__(
+        self, batch_id: str, keys: tuple[Hashable, ...], updates: tuple[Update, ...]
+    ) -> None:
         self.id = batch_id
         self.keys = keys
         self.updates = updates
@@ -442,7 +447,9 @@ class MemoryBuffer:
             key = flight.keys[0]
             if self._busy.get(key) == flight.id:
                 del self._busy[key]
-            self._dead.append(DeadLetter(flight.updates[0], flight.id, flight.attempt, repr(exc), now))
+            self._dead.append(
+                DeadLetter(flight.updates[0], flight.id, flight.attempt, repr(exc), now)
+            )
             self._dead_total += 1
             log.error(
                 "row %s %r dead-lettered after %d failed deliveries of batch %s: %r",
@@ -453,7 +460,7 @@ class MemoryBuffer:
                 exc,
             )
             return
-        pairs = list(zip(flight.keys, flight.updates))
+        pairs = list(zip(flight.keys, flight.updates, strict=True))
         for child_id, part in split_batch(flight.id, pairs):
             child = _Flight(child_id, tuple(k for k, _ in part), tuple(u for _, u in part))
             child.running = False  # eligible at once: isolating the failing rows is the point

@@ -1,17 +1,18 @@
 """Redis backend (one node, several nodes through a partition router, or Redis Cluster).
 
-Not built yet: selecting it raises :class:`~updatebuffer.errors.MissingDependencyError` or a
-clear error until the Redis backend lands.
+Not available in this version: importing this module raises
+:class:`~updatebuffer.errors.MissingDependencyError`, so selecting ``redis://`` fails with a clear
+message while ``available_backends()`` already lists the name.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 from updatebuffer.errors import MissingDependencyError
 
-try:
-    import redis  # noqa: F401  # only checks the driver is installed
-except ImportError as exc:
-    raise MissingDependencyError("redis", "redis", f"import redis failed: {exc}") from exc
+if importlib.util.find_spec("redis") is None:
+    raise MissingDependencyError("redis", "redis", "the 'redis' package is not installed")
 
 raise MissingDependencyError(
     "redis",

@@ -784,6 +784,10 @@ class RedisCluster:
             "nodes.conf",
             "--cluster-node-timeout",
             "5000",
+            # A master waits 5 s by default before a diskless full sync, hoping more replicas
+            # join; here that only delays every replica's first sync.
+            "--repl-diskless-sync-delay",
+            "0",
             *extra_args,
         )
         self.servers: list[RedisServer] = [
