@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import math
+import re
 import struct
 import uuid
 from typing import TYPE_CHECKING
@@ -73,7 +74,7 @@ def _payload(value: object, field: str) -> tuple[bytes, bytes]:
     if isinstance(value, bool):
         return (b"T" if value else b"F"), b""
     if isinstance(value, int):
-        return b"i", str(int(value)).encode("ascii")
+        return b"i", _int_text(int(value)).encode("ascii")
     if isinstance(value, float):
         if not math.isfinite(value):
             raise _reject(field, value, f"{value!r} is not finite")
@@ -97,6 +98,14 @@ def _payload(value: object, field: str) -> tuple[bytes, bytes]:
     if isinstance(value, uuid.UUID):
         return b"u", value.bytes
     raise _reject(field, value)
+
+
+def _int_text(n: int) -> str:
+    try:
+        return str(n)
+    except ValueError:
+        # Beyond sys.get_int_max_str_digits(); Decimal converts exactly, with the same digits.
+        return str(decimal.Decimal(n))
 
 
 def _uleb128(n: int) -> bytes:
@@ -128,19 +137,52 @@ def check_value(value: object, field: str) -> None:
     _payload(value, field)
 
 
+_INT_TEXT = re.compile(r"-?[0-9]+")
+
+
+def _decode_int(raw: bytes) -> int:
+    text = raw.decode("ascii")
+    try:
+        return int(text)
+    except ValueError:
+        if not _INT_TEXT.fullmatch(text):
+            raise
+        # Beyond sys.get_int_max_str_digits(): an encoded arbitrary-size filter int.
+        return int(decimal.Decimal(text))
+
+
+# Decoders refuse what encode_value refuses (NaN, infinities, naive datetimes): such bytes
+# were not written by this codec, so they are corrupt.
+def _decode_float(raw: bytes) -> float:
+    value: float = _DOUBLE.unpack(raw)[0]
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite float {value!r}")
+    return value
+
+
+def _decode_decimal(raw: bytes) -> decimal.Decimal:
+    value = decimal.Decimal(raw.decode("ascii"))
+    if not value.is_finite():
+        raise ValueError(f"non-finite Decimal {value!r}")
+    return value
+
+
 def _decode_datetime(raw: bytes) -> datetime.datetime:
-    return datetime.datetime.fromisoformat(raw.decode("ascii"))
+    value = datetime.datetime.fromisoformat(raw.decode("ascii"))
+    if value.tzinfo is None:
+        raise ValueError("naive datetime")
+    return value
 
 
 _DECODERS: dict[bytes, Callable[[bytes], Value]] = {
     b"N": lambda raw: None,
     b"T": lambda raw: True,
     b"F": lambda raw: False,
-    b"i": lambda raw: int(raw.decode("ascii")),
-    b"f": lambda raw: _DOUBLE.unpack(raw)[0],
+    b"i": _decode_int,
+    b"f": _decode_float,
     b"s": lambda raw: raw.decode("utf-8", "surrogatepass"),
     b"b": bytes,
-    b"D": lambda raw: decimal.Decimal(raw.decode("ascii")),
+    b"D": _decode_decimal,
     b"t": _decode_datetime,
     b"d": lambda raw: datetime.date.fromisoformat(raw.decode("ascii")),
     b"u": lambda raw: uuid.UUID(bytes=raw),
@@ -165,7 +207,14 @@ def _decode_at(data: bytes, pos: int) -> tuple[Value, int]:
             raise ValueError("truncated payload")
         decoder = _DECODERS[tag]
         value: Value = decoder(data[pos:end])
-    except (IndexError, KeyError, ValueError, UnicodeDecodeError, struct.error) as exc:
+    except (
+        IndexError,
+        KeyError,
+        ValueError,
+        UnicodeDecodeError,
+        struct.error,
+        decimal.InvalidOperation,  # an ArithmeticError, not a ValueError
+    ) as exc:
         raise ValueError(f"corrupt encoded value at offset {pos}: {exc!r}") from exc
     return value, end
 

@@ -22,6 +22,7 @@ from typing_extensions import Self
 
 from updatebuffer._retry import DeadLetter, backoff_delay, split_batch
 from updatebuffer._validate import (
+    _FAST_TAGS,
     INT64_MAX,
     INT64_MIN,
     check_columns,
@@ -276,6 +277,56 @@ class MemoryBuffer:
             ``"block"`` timed out).
         :raises UpdateBufferError: the buffer is closed.
         """
+        # Fast path for the hot shape -- one int delta, one filter of a common type, nothing
+        # else -- merging into a row that is already pending. It performs the same checks as the
+        # general path below, just without building intermediate dicts.
+        if (
+            extra is None
+            and greatest is None
+            and least is None
+            and type(columns) is dict
+            and type(filters) is dict
+            and len(columns) == 1
+            and len(filters) == 1
+            and type(model) is str
+            and model
+        ):
+            [(column, delta)] = columns.items()
+            [(name, value)] = filters.items()
+            tag = _FAST_TAGS.get(type(value))
+            if (
+                tag is not None
+                and type(delta) is int
+                and type(column) is str
+                and column
+                and type(name) is str
+                and name
+                and (signal_only is False or signal_only is True)
+            ):
+                with self._lock:
+                    row = self._pending.get((model, (name, tag, value)))
+                    if row is not None and not self._closed:
+                        held = row.columns
+                        total = held.get(column, 0) + delta
+                        if type(total) is not int or INT64_MIN <= total <= INT64_MAX:
+                            held[column] = total
+                            row.count += 1
+                            if not signal_only:
+                                row.signal_only = False
+                            self._accepted += 1
+                            return
+        self._incr(model, columns, filters, extra, greatest, least, signal_only)
+
+    def _incr(
+        self,
+        model: str,
+        columns: Mapping[str, Number] | None,
+        filters: Mapping[str, Value] | None,
+        extra: Mapping[str, Value] | None,
+        greatest: Mapping[str, Value] | None,
+        least: Mapping[str, Value] | None,
+        signal_only: bool,
+    ) -> None:
         if not filters:
             _require_filters(filters)
         key = row_identity(model, filters)
