@@ -30,6 +30,7 @@ __all__ = [
     "check_name",
     "decode_row",
     "encode_row",
+    "readable_model",
     "redis_key",
     "row_digest",
 ]
@@ -132,11 +133,15 @@ def row_digest(canonical: bytes) -> str:
     return hashlib.blake2b(canonical, digest_size=16).hexdigest()
 
 
+def readable_model(model: str) -> str:
+    """Return *model* made safe for a Redis key name (readability only; not unique)."""
+    return _UNSAFE.sub("_", model)[:64]
+
+
 def redis_key(prefix: str, tag: str, model: str, digest: str) -> str:
     """Return the readable Redis key name ``<prefix>:<version>:{<tag>}:<model>:<digest>``.
 
     *model* is sanitised for readability only (the digest already identifies the row); ``{tag}``
     is the Redis Cluster hash tag that keeps every key one script touches in one slot.
     """
-    readable = _UNSAFE.sub("_", model)[:64]
-    return f"{prefix}:{KEY_VERSION}:{{{tag}}}:{readable}:{digest}"
+    return f"{prefix}:{KEY_VERSION}:{{{tag}}}:{readable_model(model)}:{digest}"

@@ -1,22 +1,1105 @@
-"""Redis backend (one node, several nodes through a partition router, or Redis Cluster).
+"""Redis backend: one node, several independent nodes through a partition router, or a cluster.
 
-Not available in this version: importing this module raises
-:class:`~updatebuffer.errors.MissingDependencyError`, so selecting ``redis://`` fails with a clear
-message while ``available_backends()`` already lists the name.
+Every ``incr`` is one Lua script call (one round trip, atomic, all merge operators server-side).
+Rows live in hashes; each partition keeps a pending sorted set scored by the row's first
+buffered time (server clock). A flush *claims* due rows into an in-flight batch with a lease in
+one script, calls the host's callback, and deletes the batch only after the callback returned.
+A failed batch is redelivered with the same id after a backoff; a batch whose lease expired
+(its worker died) is redelivered unchanged; a batch failing ``max_attempts`` times is split to
+isolate failing rows, and rows failing alone become dead letters kept in Redis until replayed
+or purged. No TTL ever deletes unflushed data.
+
+Key layout (``<prefix>:<version>:{<tag>}`` = one partition's *base*; the hash tag keeps every
+key a script touches in one Redis Cluster slot)::
+
+    <base>:<model>:<digest>      row hash (c:/f: sums, e: extra, g:/G: greatest, l:/L: least,
+                                 _k canonical row key, _n count, _f first buffered ms, _s signal)
+    <base>:~pending              zset member "<model>:<digest>", score first buffered ms
+    <base>:~leases / ~retry      zsets of batch ids: lease expiry / retry time (ms)
+    <base>:~owner                hash member -> batch id holding the row's older data
+    <base>:~b:<id>, :~b:<id>:<i> batch record and its rows
+    <base>:~dead                 zset of dead-lettered batch ids
+    <base>:~stats                lifetime totals
 """
 
 from __future__ import annotations
 
-import importlib.util
+import datetime
+import decimal
+import logging
+import math
+import re
+import threading
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+from urllib.parse import urlsplit, urlunsplit
 
-from updatebuffer.errors import MissingDependencyError
+from typing_extensions import Self
 
-if importlib.util.find_spec("redis") is None:
-    raise MissingDependencyError("redis", "redis", "the 'redis' package is not installed")
-
-raise MissingDependencyError(
-    "redis",
-    "redis",
-    "the Redis backend is not implemented in this version of updatebuffer yet",
-    pip_command="pip install --upgrade updatebuffer",
+from updatebuffer._retry import DeadLetter, backoff_delay
+from updatebuffer._validate import check_columns, check_ordered, check_values
+from updatebuffer.codec import decode_value, encode_value, type_name
+from updatebuffer.config import Option, boolean, count, duration, mask_url, parse_options, text
+from updatebuffer.errors import (
+    BackendError,
+    ConfigurationError,
+    InvalidUpdateError,
+    MissingDependencyError,
+    UpdateBufferError,
 )
+from updatebuffer.keys import KEY_VERSION, decode_row, encode_row, readable_model, row_digest
+from updatebuffer.registry import make_router
+from updatebuffer.routing import PartitionRouter
+from updatebuffer.update import Batch, BufferStats, FlushCallback, Update, merge_updates
+
+try:
+    import redis
+    import redis.cluster
+    import redis.exceptions
+    from redis.crc import key_slot
+except ImportError as exc:  # pragma: no cover - exercised by the registry tests in a subprocess
+    raise MissingDependencyError("redis", "redis", f"import redis failed: {exc}") from exc
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from redis.commands.core import Script
+
+    from updatebuffer._types import Number, Value
+    from updatebuffer.backends.memory import MemoryBuffer
+    from updatebuffer.flusher import Flusher
+
+__all__ = ["RedisBuffer"]
+
+log = logging.getLogger(__name__)
+
+_SCRIPTS = ("incr", "claim", "reclaim", "ack", "fail", "replay", "purge")
+_PREFIX = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_MICRO = datetime.timedelta(microseconds=1)
+# Keys a host config may carry in Sentry-style `hosts={0: {...}}`.
+_HOST_KEYS = {
+    "host",
+    "port",
+    "db",
+    "password",
+    "username",
+    "unix_socket_path",
+    "ssl",
+    "ssl_ca_certs",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_cert_reqs",
+    "socket_timeout",
+    "socket_connect_timeout",
+}
+
+AnyRedis = Any  # redis.Redis | redis.cluster.RedisCluster; redis-py's generics vary by version
+
+
+def _load_sources() -> dict[str, str]:
+    folder = resources.files("updatebuffer.backends").joinpath("lua")
+    lib = folder.joinpath("lib.lua").read_text(encoding="utf-8")
+    return {
+        name: lib + "\n" + folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+        for name in _SCRIPTS
+    }
+
+
+_SOURCES = _load_sources()
+
+
+def _order_key(value: Value, field: str) -> bytes:
+    """Encode a greatest/least value so the Lua scripts can compare it server-side."""
+    if isinstance(value, (int, float, decimal.Decimal)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise InvalidUpdateError(
+                f"{field}: {value!r} is too large to compare in Redis (limit ~1.8e308)",
+                field=field,
+                expected="number within float range",
+                got=type_name(value),
+            )
+        return b"n" + repr(number).encode("ascii")
+    if isinstance(value, datetime.datetime):
+        return b"t" + str((value - _EPOCH) // _MICRO).encode("ascii")
+    if isinstance(value, datetime.date):
+        return b"d" + str(value.toordinal()).encode("ascii")
+    if isinstance(value, str):
+        return b"s" + value.encode("utf-8", "surrogatepass")
+    if isinstance(value, bytes):
+        return b"b" + value
+    if isinstance(value, uuid.UUID):
+        return b"u" + value.bytes
+    raise InvalidUpdateError(  # pragma: no cover - check_ordered refused it already
+        f"{field}: {type_name(value)} cannot be ordered", field=field, got=type_name(value)
+    )
+
+
+def _update_args(
+    member: str,
+    canonical: bytes,
+    signal_only: bool,
+    n: int,
+    first_ms: int,
+    columns: Mapping[str, Number],
+    extra: Mapping[str, Value],
+    greatest: Mapping[str, Value],
+    least: Mapping[str, Value],
+) -> list[bytes | str | int]:
+    """Flatten one update into the ARGV layout ``parse_update`` in lib.lua reads."""
+    ints = [(k, v) for k, v in columns.items() if type(v) is int]
+    floats = [(k, v) for k, v in columns.items() if type(v) is not int]
+    args: list[bytes | str | int] = [
+        member,
+        canonical,
+        "1" if signal_only else "0",
+        n,
+        first_ms,
+        len(ints),
+        len(floats),
+        len(extra),
+        len(greatest),
+        len(least),
+    ]
+    for name, delta in ints:
+        args += (name, delta)
+    for name, fdelta in floats:
+        args += (name, repr(float(fdelta)))
+    for name, value in extra.items():
+        args += (name, encode_value(value, f"extra[{name!r}]"))
+    for what, values in (("greatest", greatest), ("least", least)):
+        for name, value in values.items():
+            field = f"{what}[{name!r}]"
+            args += (name, encode_value(value, field), _order_key(value, field))
+    return args
+
+
+def _raw_update_args(member: str, row: Mapping[bytes, bytes]) -> list[bytes | str | int]:
+    """ARGV for a stored row hash, copied as stored (used to replay dead letters)."""
+    groups: dict[bytes, list[tuple[bytes, ...]]] = {
+        b"c": [],
+        b"f": [],
+        b"e": [],
+        b"g": [],
+        b"l": [],
+    }
+    for field, value in row.items():
+        tag, sep, name = field.partition(b":")
+        if sep and tag in groups:
+            if tag in (b"g", b"l"):
+                groups[tag].append((name, value, row[tag.upper() + b":" + name]))
+            else:
+                groups[tag].append((name, value))
+    args: list[bytes | str | int] = [
+        member,
+        row[b"_k"],
+        "1" if row.get(b"_s") == b"1" else "0",
+        int(row.get(b"_n", b"1")),
+        int(row[b"_f"]),
+    ]
+    args += [len(groups[t]) for t in (b"c", b"f", b"e", b"g", b"l")]
+    for t in (b"c", b"f", b"e", b"g", b"l"):
+        for item in groups[t]:
+            args += item
+    return args
+
+
+def _decode_row(raw: Sequence[bytes]) -> Update:
+    """Build an :class:`Update` from a row hash's HGETALL reply (a flat field/value list)."""
+    fields = dict(zip(raw[::2], raw[1::2], strict=True))
+    model, filters = decode_row(fields[b"_k"])
+    ints: dict[str, int] = {}
+    floats: dict[str, float] = {}
+    extra: dict[str, Value] = {}
+    greatest: dict[str, Value] = {}
+    least: dict[str, Value] = {}
+    for field, value in fields.items():
+        tag, sep, name_bytes = field.partition(b":")
+        if not sep:
+            continue
+        name = name_bytes.decode("utf-8")
+        if tag == b"c":
+            ints[name] = int(value)
+        elif tag == b"f":
+            floats[name] = float(value)
+        elif tag == b"e":
+            extra[name] = decode_value(value)
+        elif tag == b"g":
+            greatest[name] = decode_value(value)
+        elif tag == b"l":
+            least[name] = decode_value(value)
+    columns: dict[str, Number] = dict(ints)
+    for name, fsum in floats.items():
+        # A float delta makes the column a float, like int + float in Python.
+        columns[name] = float(ints.get(name, 0)) + fsum
+    return Update(
+        model=model,
+        filters=filters,
+        columns=columns,
+        extra=extra,
+        greatest=greatest,
+        least=least,
+        signal_only=fields.get(b"_s") == b"1",
+        count=int(fields.get(b"_n", b"1")),
+        first_buffered=int(fields[b"_f"]) / 1000.0,
+    )
+
+
+def _cluster_tags(n: int) -> list[str]:
+    """Hash tags spreading *n* partitions evenly over the 16384 cluster slots.
+
+    ``redis-cli --cluster create`` gives each master a contiguous slot range, so tags in evenly
+    spaced slot ranges land on every master; plain ``p0..pN`` tags could leave one empty.
+    """
+    tags = []
+    for p in range(n):
+        low, high = p * 16384 // n, (p + 1) * 16384 // n
+        suffix = 0
+        while not low <= key_slot(f"p{p}.{suffix}".encode()) < high:
+            suffix += 1
+        tags.append(f"p{p}.{suffix}")
+    return tags
+
+
+@dataclass(frozen=True)
+class _Partition:
+    """One pending partition on one node: its key names and its client."""
+
+    node: int
+    index: int
+    client: AnyRedis
+    base: str
+
+    @property
+    def pending(self) -> str:
+        return f"{self.base}:~pending"
+
+    @property
+    def leases(self) -> str:
+        return f"{self.base}:~leases"
+
+    @property
+    def retry(self) -> str:
+        return f"{self.base}:~retry"
+
+    @property
+    def owner(self) -> str:
+        return f"{self.base}:~owner"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.base}:~dead"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.base}:~stats"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.base}:~b:{batch_id}"
+
+    @property
+    def label(self) -> str:
+        return f"node{self.node}/p{self.index}"
+
+
+def _check_hosts(hosts: object) -> list[dict[str, Any]]:
+    if not isinstance(hosts, Mapping) or not hosts:
+        raise ValueError("hosts must be a non-empty mapping {0: {'host': ...}, 1: {...}}")
+    ids: list[int] = []
+    for key in hosts:
+        if isinstance(key, bool) or not isinstance(key, (int, str)) or not str(key).isdigit():
+            raise ValueError(f"host ids must be ints 0..N-1, got {key!r}")
+        ids.append(int(key))
+    if sorted(ids) != list(range(len(ids))):
+        raise ValueError(f"host ids must be gapless 0..{len(ids) - 1}, got {sorted(ids)}")
+    by_id = {int(k): v for k, v in hosts.items()}
+    configs = []
+    for i in range(len(ids)):
+        cfg = by_id[i]
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"hosts[{i}] must be a mapping of connection settings")
+        unknown = set(cfg) - _HOST_KEYS
+        if unknown:
+            raise ValueError(f"hosts[{i}] has unknown settings {sorted(unknown)}")
+        configs.append(dict(cfg))
+    return configs
+
+
+def _validated_hosts(hosts: object) -> object:
+    _check_hosts(hosts)
+    return hosts
+
+
+def _parse_hosts(text_value: str) -> Any:
+    raise ValueError("hosts cannot be given in a URL; pass hosts={0: {...}} as an option")
+
+
+def _check_router(value: object) -> object:
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, PartitionRouter):
+        return value
+    raise ValueError("router must be a router name ('crc32', 'ketama') or a PartitionRouter")
+
+
+class RedisBuffer:
+    """Buffer rows in Redis: durable, shared by every process, at-least-once delivery.
+
+    URL forms::
+
+        redis://[[user]:password@]host[:port][/db][?option=value...]
+        rediss://...                      (TLS)
+        redis+unix:///path/to/redis.sock?db=0
+        redis+cluster://host:port         (Redis Cluster; any node as seed)
+        rediss+cluster://host:port        (Redis Cluster over TLS)
+
+    Example configuration::
+
+        buf = updatebuffer.from_url("redis://127.0.0.1:6379/0?delay=5", flush=write_rows)
+        buf = updatebuffer.from_config(
+            {"backend": "redis",
+             "options": {"hosts": {0: {"host": "10.0.0.1"}, 1: {"host": "10.0.0.2"}},
+                         "delay": 5}},
+            flush=write_rows,
+        )
+        buf = RedisBuffer(flush=write_rows, client=redis.Redis(), delay=5)
+
+    :param flush: the host's flush callback.
+    :param client: a ``redis.Redis``, a ``redis.cluster.RedisCluster``, or a sequence of
+        ``redis.Redis`` (independent nodes, sharded by *router*). Injected clients are not
+        closed by :meth:`close`. Clients must not use ``decode_responses=True``.
+    :param hosts: Sentry-style ``{0: {"host": ..., "port": ...}, 1: {...}}`` instead of *client*.
+    :param router: partition router for several nodes: ``"crc32"`` (default), ``"ketama"`` or a
+        :class:`PartitionRouter` instance.
+    :param delay: seconds from a row's first update (server clock) until it is due (default 5).
+    :param batch_size: rows per flush callback call (default 500).
+    :param lease: seconds a claimed batch is held before it is redelivered (default 30); must
+        exceed the flush callback's worst-case duration.
+    :param max_attempts: deliveries of a failing batch before it is split (default 10).
+    :param partitions: pending partitions per node (per cluster), default 16. Changing it while
+        rows are buffered strands them: drain first.
+    :param key_prefix: prefix of every key (default ``ub``).
+    :param socket_timeout: seconds before a Redis call fails with :class:`BackendError`.
+    :param local_window: seconds of process-local pre-aggregation (default 0 = off). Updates in
+        the window are lost if the process dies before a push; see the README.
+    :param retry_backoff: seconds before the first redelivery of a failed batch (doubles).
+    :param retry_backoff_max: cap of the redelivery backoff.
+    :param drain_on_close: whether :meth:`close` drains Redis too (default false: Redis keeps the
+        rows for the workers).
+    """
+
+    #: Typed options accepted in the URL query or as keywords.
+    OPTIONS: ClassVar[Mapping[str, Option]] = {
+        "delay": duration(5.0),
+        "batch_size": count(500),
+        "lease": duration(30.0, minimum=0.001),
+        "max_attempts": count(10),
+        "partitions": count(16),
+        "key_prefix": text("ub"),
+        "socket_timeout": duration(5.0, minimum=0.001),
+        "local_window": duration(0.0),
+        "retry_backoff": duration(1.0),
+        "retry_backoff_max": duration(300.0),
+        "drain_on_close": boolean(False),
+        "router": Option(_check_router, _check_router, "crc32", "crc32 | ketama | router"),
+        "hosts": Option(_parse_hosts, _validated_hosts, None, "{0: {...}, 1: {...}}"),
+        "db": count(None, minimum=0),
+    }
+
+    def __init__(
+        self,
+        *,
+        flush: FlushCallback,
+        client: AnyRedis | Sequence[AnyRedis] | None = None,
+        hosts: Mapping[Any, Mapping[str, Any]] | None = None,
+        router: str | PartitionRouter = "crc32",
+        delay: float = 5.0,
+        batch_size: int = 500,
+        lease: float = 30.0,
+        max_attempts: int = 10,
+        partitions: int = 16,
+        key_prefix: str = "ub",
+        socket_timeout: float = 5.0,
+        local_window: float = 0.0,
+        retry_backoff: float = 1.0,
+        retry_backoff_max: float = 300.0,
+        drain_on_close: bool = False,
+        _url: str | None = None,
+        _owned: bool = False,
+    ) -> None:
+        if not callable(flush):
+            raise ConfigurationError(f"flush must be callable, got {type(flush).__qualname__}")
+        opts = parse_options(
+            "redis",
+            self.OPTIONS,
+            "",
+            {
+                "delay": delay,
+                "batch_size": batch_size,
+                "lease": lease,
+                "max_attempts": max_attempts,
+                "partitions": partitions,
+                "key_prefix": key_prefix,
+                "socket_timeout": socket_timeout,
+                "local_window": local_window,
+                "retry_backoff": retry_backoff,
+                "retry_backoff_max": retry_backoff_max,
+                "drain_on_close": drain_on_close,
+                "router": router,
+            },
+        )
+        if not _PREFIX.match(opts["key_prefix"]):
+            raise ConfigurationError(
+                "key_prefix may hold only letters, digits, '_', '.', '-'", option="key_prefix"
+            )
+        self._flush = flush
+        self.delay: float = opts["delay"]
+        self.batch_size: int = opts["batch_size"]
+        self.lease: float = opts["lease"]
+        self.max_attempts: int = opts["max_attempts"]
+        self.partitions: int = opts["partitions"]
+        self.key_prefix: str = opts["key_prefix"]
+        self.local_window: float = opts["local_window"]
+        self.retry_backoff: float = opts["retry_backoff"]
+        self.retry_backoff_max: float = opts["retry_backoff_max"]
+        self.drain_on_close: bool = opts["drain_on_close"]
+        self._url = mask_url(_url) if _url else None
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+        if client is not None and hosts is not None:
+            raise ConfigurationError("give either client or hosts, not both", option="hosts")
+        owned = _owned
+        if hosts is not None:
+            try:
+                configs = _check_hosts(hosts)
+            except ValueError as exc:
+                raise ConfigurationError(f"invalid hosts: {exc}", option="hosts") from None
+            timeout = opts["socket_timeout"]
+            clients: list[AnyRedis] = [
+                redis.Redis(**{"socket_timeout": timeout, "socket_connect_timeout": timeout, **cfg})
+                for cfg in configs
+            ]
+            owned = True
+        elif client is None:
+            raise ConfigurationError("RedisBuffer needs client=, hosts= or a URL (from_url)")
+        elif isinstance(client, (redis.Redis, redis.cluster.RedisCluster)):
+            clients = [client]
+        elif (
+            isinstance(client, Sequence)
+            and client
+            and all(isinstance(c, redis.Redis) for c in client)
+        ):
+            clients = list(client)
+        else:
+            raise ConfigurationError(
+                "client must be a redis.Redis, a redis.cluster.RedisCluster or a non-empty "
+                f"sequence of redis.Redis, got {type(client).__qualname__}"
+            )
+        for c in clients:
+            if c.get_encoder().decode_responses:
+                raise ConfigurationError(
+                    "the redis client must not use decode_responses=True: rows hold bytes"
+                )
+        self._clients = clients
+        self._owned = owned
+        self.cluster = isinstance(clients[0], redis.cluster.RedisCluster)
+        self._router: PartitionRouter | None = (
+            make_router(opts["router"], len(clients)) if len(clients) > 1 else None
+        )
+        tags = (
+            _cluster_tags(self.partitions)
+            if self.cluster
+            else [f"p{p}" for p in range(self.partitions)]
+        )
+        self._parts: list[list[_Partition]] = [
+            [
+                _Partition(node, p, c, f"{self.key_prefix}:{KEY_VERSION}:{{{tags[p]}}}")
+                for p in range(self.partitions)
+            ]
+            for node, c in enumerate(clients)
+        ]
+        self._scripts: list[dict[str, Script]] = [
+            {name: c.register_script(src) for name, src in _SOURCES.items()} for c in clients
+        ]
+        self._rotation = 0
+        self._window: MemoryBuffer | None = None
+        self._window_flusher: Flusher | None = None
+        if self.local_window > 0:
+            self._start_window()
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_url(cls, url: str, *, flush: FlushCallback, **options: Any) -> Self:
+        """Build a Redis buffer from a URL (see the class docstring) and keyword options.
+
+        :raises ConfigurationError: an unsupported scheme, or an invalid option.
+        """
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        schemes = ("redis", "rediss", "redis+unix", "redis+cluster", "rediss+cluster")
+        if scheme not in schemes:
+            raise ConfigurationError(
+                f"unsupported redis URL scheme {scheme!r} in {mask_url(url)}; use one of "
+                + ", ".join(f"{s}://" for s in schemes)
+            )
+        opts = parse_options(
+            "redis",
+            cls.OPTIONS,
+            url,
+            options,
+            passthrough={"client": None},
+        )
+        db = opts.pop("db")
+        hosts = opts.pop("hosts")
+        client = options.get("client")
+        if (
+            sum(x is not None for x in (client, hosts))
+            + bool(parts.netloc or parts.path.strip("/"))
+            > 1
+        ):
+            raise ConfigurationError(
+                f"{mask_url(url)}: give the server once (URL host, hosts= or client=)"
+            )
+        timeout = opts["socket_timeout"]
+        conn: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        plain = urlunsplit(
+            (
+                scheme.replace("+cluster", "").replace("redis+unix", "unix"),
+                parts.netloc,
+                parts.path,
+                "",
+                "",
+            )
+        )
+        owned = False
+        if client is None and hosts is None:
+            if not parts.netloc and not parts.path.strip("/"):
+                raise ConfigurationError(
+                    f"{mask_url(url)} names no server; use redis://host:port/db, or pass hosts="
+                )
+            if db is not None:
+                conn["db"] = db
+            try:
+                if "+cluster" in scheme:
+                    client = redis.cluster.RedisCluster.from_url(plain, **conn)
+                else:
+                    client = redis.Redis.from_url(plain, **conn)
+            except (ValueError, redis.exceptions.RedisError) as exc:
+                raise BackendError(f"cannot connect to {mask_url(url)}: {exc}") from exc
+            owned = True
+        return cls(flush=flush, client=client, hosts=hosts, _url=url, _owned=owned, **opts)
+
+    def __repr__(self) -> str:
+        where = self._url or f"{len(self._clients)} client(s)"
+        return (
+            f"RedisBuffer({where}, delay={self.delay}, batch_size={self.batch_size}, "
+            f"partitions={self.partitions}, cluster={self.cluster})"
+        )
+
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except redis.exceptions.RedisError as exc:
+            where = self._url or "redis"
+            raise BackendError(f"redis error while {doing} ({where}): {exc}") from exc
+
+    def _script(self, part: _Partition, name: str) -> Script:
+        return self._scripts[part.node][name]
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _locate(self, model: str, canonical: bytes) -> tuple[_Partition, str]:
+        digest = row_digest(canonical)
+        member = f"{readable_model(model)}:{digest}"
+        node = self._router.get_node(member) if self._router is not None else 0
+        return self._parts[node][int(digest[:8], 16) % self.partitions], member
+
+    def incr(
+        self,
+        model: str,
+        columns: Mapping[str, Number] | None = None,
+        filters: Mapping[str, Value] | None = None,
+        extra: Mapping[str, Value] | None = None,
+        *,
+        greatest: Mapping[str, Value] | None = None,
+        least: Mapping[str, Value] | None = None,
+        signal_only: bool = False,
+    ) -> None:
+        """Buffer one update of the row ``(model, filters)`` in one atomic script call.
+
+        :raises InvalidUpdateError: invalid name, type or value, or a sum leaving signed 64-bit;
+            nothing is stored.
+        :raises BackendError: Redis is unreachable or failed; the update may or may not have
+            been applied if the connection dropped after sending it.
+        :raises UpdateBufferError: the buffer is closed.
+        """
+        if self._closed:
+            raise UpdateBufferError("incr() on a closed buffer")
+        if self._window is not None:
+            self._window.incr(
+                model,
+                columns,
+                filters,
+                extra,
+                greatest=greatest,
+                least=least,
+                signal_only=signal_only,
+            )
+            return
+        if not filters:
+            _require_filters(filters)
+        canonical = encode_row(model, filters)  # type: ignore[arg-type]  # None refused above
+        if signal_only is not True and signal_only is not False:
+            raise InvalidUpdateError(
+                f"signal_only must be a bool, got {type_name(signal_only)}",
+                field="signal_only",
+                expected="bool",
+                got=type_name(signal_only),
+            )
+        args = _update_args(
+            "",
+            canonical,
+            signal_only,
+            1,
+            0,
+            check_columns(columns),
+            check_values(extra, "extra") if extra else {},
+            check_ordered(greatest, "greatest") if greatest else {},
+            check_ordered(least, "least") if least else {},
+        )
+        part, member = self._locate(model, canonical)
+        args[0] = member
+        with self._errors("buffering an update"):
+            failed = self._script(part, "incr")(
+                keys=[part.pending, part.stats], args=[part.base, "", 1, *args]
+            )
+        if failed:
+            _, code, field = failed
+            raise _rejection(code.decode(), field.decode())
+
+    def _push(self, batch: Batch) -> None:
+        """Flush callback of the local window: merge its rows into Redis, one call per partition.
+
+        Each call carries a push id derived from the batch id, so a push retried after a lost
+        reply is not applied twice. Rows Redis refuses (a sum overflowing 64-bit) are kept as
+        dead letters in Redis with the reason, never dropped.
+        """
+        groups: dict[tuple[int, int], list[list[bytes | str | int]]] = {}
+        for update in batch:
+            canonical = encode_row(update.model, update.filters)
+            part, member = self._locate(update.model, canonical)
+            try:
+                args = _update_args(
+                    member,
+                    canonical,
+                    update.signal_only,
+                    update.count,
+                    0,
+                    update.columns,
+                    update.extra,
+                    update.greatest,
+                    update.least,
+                )
+            except InvalidUpdateError:
+                log.exception(
+                    "local-window row %s %r cannot be stored", update.model, update.filters
+                )
+                raise
+            groups.setdefault((part.node, part.index), []).append(args)
+        for (node, index), rows in groups.items():
+            part = self._parts[node][index]
+            flat: list[bytes | str | int] = [part.base, f"{batch.id}.{node}.{index}", len(rows)]
+            for args in rows:
+                flat += args
+            with self._errors("pushing the local window"):
+                failed = self._script(part, "incr")(keys=[part.pending, part.stats], args=flat)
+            if failed and failed != b"dup":
+                for k in range(0, len(failed), 3):
+                    log.error(
+                        "local-window row %d of push %s refused by redis (%s on %s); kept as a "
+                        "dead letter",
+                        failed[k],
+                        batch.id,
+                        failed[k + 1].decode(),
+                        failed[k + 2].decode(),
+                    )
+
+    def _start_window(self) -> None:
+        from updatebuffer.backends.memory import MemoryBuffer
+        from updatebuffer.flusher import Flusher
+
+        self._window = MemoryBuffer(
+            flush=self._push,
+            delay=self.local_window,
+            batch_size=self.batch_size,
+            max_rows=max(10 * self.batch_size, 10_000),
+            # A Redis outage must not dead-letter the window in process memory: keep retrying.
+            max_attempts=1_000_000,
+            retry_backoff=min(self.local_window, 1.0),
+            retry_backoff_max=5.0,
+        )
+        self._window_flusher = Flusher(
+            self._window, interval=self.local_window, name="updatebuffer-local-window"
+        ).start()
+
+    # -- flushing ----------------------------------------------------------------------------
+
+    def process_pending(self) -> int:
+        """Flush due rows and due redeliveries on every node and partition, fairly.
+
+        Rows first buffered after this call started wait for the next call.
+
+        :return: rows whose flush callback returned.
+        :raises BackendError: Redis failed; claimed batches are redelivered after their lease.
+        """
+        return self._run(drain=False)
+
+    def drain(self) -> int:
+        """Flush everything now: the local window, every pending row, every failed batch once.
+
+        Delay and backoff are ignored.
+
+        :return: rows whose flush callback returned.
+        """
+        if self._window is not None:
+            self._window.drain()
+        return self._run(drain=True)
+
+    def _server_ms(self, client: AnyRedis) -> int:
+        if self.cluster:
+            seconds, micros = client.time(target_nodes=redis.cluster.RedisCluster.RANDOM)
+        else:
+            seconds, micros = client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def _run(self, *, drain: bool) -> int:
+        delay_ms = 0 if drain else int(self.delay * 1000)
+        with self._errors("reading the server clock"):
+            cutoffs = [self._server_ms(c) - delay_ms for c in self._clients]
+        order = [part for parts in self._parts for part in parts]
+        self._rotation = (self._rotation + 1) % len(order)
+        order = order[self._rotation :] + order[: self._rotation]
+        failed: set[str] = set()
+        flushed = 0
+        busy = True
+        while busy:
+            busy = False
+            for part in order:
+                # One batch per partition per pass: a hot partition cannot starve the others.
+                got = self._redeliver(part, drain, failed)
+                if got is None:
+                    got = self._claim(part, cutoffs[part.node])
+                if got is not None:
+                    busy = True
+                    flushed += self._deliver(part, *got, failed)
+        return flushed
+
+    def _redeliver(
+        self, part: _Partition, drain: bool, failed: set[str]
+    ) -> tuple[str, int, list[Sequence[bytes]]] | None:
+        script = self._script(part, "reclaim")
+        while True:
+            with self._errors("re-claiming a batch"):
+                reply = script(
+                    keys=[part.leases, part.retry, part.owner, part.dead, part.stats],
+                    args=[
+                        part.base,
+                        int(self.lease * 1000),
+                        self.max_attempts,
+                        "1" if drain else "0",
+                        "\n".join(failed),
+                    ],
+                )
+            if reply is None:
+                return None
+            kind = reply[0]
+            if kind == b"batch":
+                return reply[1].decode(), int(reply[2]), reply[3]
+            if kind == b"dead":
+                log.error(
+                    "batch %s dead-lettered after %d attempts", reply[1].decode(), self.max_attempts
+                )
+            # 'split' and 'gone': look again right away.
+
+    def _claim(
+        self, part: _Partition, cutoff_ms: int
+    ) -> tuple[str, int, list[Sequence[bytes]]] | None:
+        batch_id = uuid.uuid4().hex
+        with self._errors("claiming rows"):
+            reply = self._script(part, "claim")(
+                keys=[part.pending, part.leases, part.owner, part.batch(batch_id)],
+                args=[part.base, batch_id, self.batch_size, cutoff_ms, int(self.lease * 1000)],
+            )
+        if reply is None:
+            return None
+        return reply[0].decode(), int(reply[1]), reply[2]
+
+    def _deliver(
+        self,
+        part: _Partition,
+        batch_id: str,
+        attempt: int,
+        rows: list[Sequence[bytes]],
+        failed: set[str],
+    ) -> int:
+        batch = Batch([_decode_row(r) for r in rows], id=batch_id, attempt=attempt)
+        try:
+            self._flush(batch)
+        except BaseException as exc:
+            log.warning(
+                "flush callback failed for batch %s (attempt %d, %d rows); it will be redelivered",
+                batch.id,
+                batch.attempt,
+                len(batch),
+                exc_info=True,
+            )
+            failed.add(batch_id)
+            backoff = backoff_delay(attempt + 1, self.retry_backoff, self.retry_backoff_max)
+            with self._errors("releasing a failed batch"):
+                self._script(part, "fail")(
+                    keys=[part.batch(batch_id), part.leases, part.retry, part.stats],
+                    args=[batch_id, attempt, int(backoff * 1000), repr(exc)[:2000]],
+                )
+            if not isinstance(exc, Exception):
+                raise
+            return 0
+        with self._errors("acknowledging a batch"):
+            self._script(part, "ack")(
+                keys=[part.batch(batch_id), part.leases, part.retry, part.owner, part.stats],
+                args=[batch_id],
+            )
+        return len(batch)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def get(self, model: str, filters: Mapping[str, Value]) -> Update | None:
+        """Return the not yet flushed update of a row (in-flight and pending parts merged).
+
+        :raises InvalidUpdateError: the model or filters are invalid.
+        :raises BackendError: Redis failed.
+        """
+        canonical = encode_row(model, filters)
+        part, member = self._locate(model, canonical)
+        client = part.client
+        parts: list[Update] = []
+        with self._errors("reading a row"):
+            owner = client.hget(part.owner, member)
+            if owner is not None:
+                bkey = part.batch(owner.decode())
+                members = (client.hget(bkey, "members") or b"").decode().split("\n")
+                if member in members:
+                    raw = client.execute_command("HGETALL", f"{bkey}:{members.index(member) + 1}")
+                    if raw:
+                        parts.append(_decode_row(_flat(raw)))
+            raw = client.execute_command("HGETALL", f"{part.base}:{member}")
+            if raw:
+                parts.append(_decode_row(_flat(raw)))
+        if not parts:
+            return None
+        merged = parts[0]
+        for later in parts[1:]:
+            merged = merge_updates(merged, later)
+        return merged
+
+    def stats(self) -> BufferStats:
+        """Return pending, in-flight and dead counts per partition and lifetime totals.
+
+        Totals are shared by every process using these Redis keys.
+
+        :raises BackendError: Redis failed.
+        """
+        totals = {b"accepted": 0, b"flushed": 0, b"failures": 0, b"retries": 0, b"dead": 0}
+        per_partition: dict[str, int] = {}
+        pending = in_flight = in_flight_rows = dead = 0
+        oldest: float | None = None
+        with self._errors("reading stats"):
+            for node, parts in enumerate(self._parts):
+                now_ms = self._server_ms(self._clients[node])
+                for part in parts:
+                    c = part.client
+                    n = c.zcard(part.pending)
+                    per_partition[part.label] = n
+                    pending += n
+                    head = c.zrange(part.pending, 0, 0, withscores=True)
+                    if head:
+                        age = (now_ms - head[0][1]) / 1000.0
+                        oldest = age if oldest is None else max(oldest, age)
+                    ids = c.zrange(part.leases, 0, -1) + c.zrange(part.retry, 0, -1)
+                    in_flight += len(ids)
+                    for batch_id in ids:
+                        in_flight_rows += int(c.hget(part.batch(batch_id.decode()), "n") or 0)
+                    dead += c.zcard(part.dead)
+                    for field, value in c.hgetall(part.stats).items():
+                        if field in totals:
+                            totals[field] += int(value)
+        return BufferStats(
+            pending_rows=pending,
+            oldest_pending_age=oldest,
+            in_flight_batches=in_flight,
+            in_flight_rows=in_flight_rows,
+            dead_letters=dead,
+            updates_accepted=totals[b"accepted"],
+            rows_flushed=totals[b"flushed"],
+            callback_failures=totals[b"failures"],
+            retries=totals[b"retries"],
+            dead_lettered=totals[b"dead"],
+            pending_by_partition=per_partition,
+        )
+
+    # -- dead letters ------------------------------------------------------------------------
+
+    def _dead_rows(
+        self,
+    ) -> Iterator[tuple[_Partition, str, dict[bytes, bytes], dict[bytes, bytes]]]:
+        for parts in self._parts:
+            for part in parts:
+                c = part.client
+                for raw_id in c.zrange(part.dead, 0, -1):
+                    batch_id = raw_id.decode()
+                    bkey = part.batch(batch_id)
+                    meta = c.hgetall(bkey)
+                    row = c.hgetall(f"{bkey}:1")
+                    if meta and row:
+                        yield part, batch_id, meta, row
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Return the rows that failed alone ``max_attempts`` times, on every partition.
+
+        :raises BackendError: Redis failed.
+        """
+        letters = []
+        with self._errors("listing dead letters"):
+            for _, batch_id, meta, row in self._dead_rows():
+                letters.append(
+                    DeadLetter(
+                        update=_decode_row(_flat(row)),
+                        batch_id=batch_id,
+                        attempts=int(meta.get(b"attempt", b"0")),
+                        error=meta.get(b"error", b"").decode("utf-8", "replace"),
+                        failed_at=int(meta.get(b"failed_at", meta.get(b"dead_at", b"0"))) / 1000,
+                    )
+                )
+        letters.sort(key=lambda letter: letter.failed_at)
+        return letters
+
+    def replay_dead_letters(self) -> int:
+        """Merge every dead letter back into the pending rows (before newer data of the same row).
+
+        :return: how many rows were replayed.
+        :raises BackendError: Redis failed.
+        """
+        replayed = 0
+        with self._errors("replaying dead letters"):
+            for part, batch_id, meta, row in list(self._dead_rows()):
+                member = meta[b"members"].decode()
+                reply = self._script(part, "replay")(
+                    keys=[part.pending, part.dead, part.stats],
+                    args=[part.base, batch_id, *_raw_update_args(member, row)],
+                )
+                if reply == 1:
+                    replayed += 1
+                elif isinstance(reply, list):
+                    log.error(
+                        "dead letter %s cannot be replayed: %s on %s",
+                        batch_id,
+                        reply[0].decode(),
+                        reply[1].decode(),
+                    )
+        return replayed
+
+    def purge_dead_letters(self) -> int:
+        """Delete every dead letter; return how many were deleted.
+
+        :raises BackendError: Redis failed.
+        """
+        purged = 0
+        with self._errors("purging dead letters"):
+            for parts in self._parts:
+                for part in parts:
+                    purged += int(self._script(part, "purge")(keys=[part.dead], args=[part.base]))
+        return purged
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Push the local window, optionally drain Redis, and close owned clients; idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            if self._window_flusher is not None:
+                self._window_flusher.stop(drain=True)
+            if self._window is not None:
+                self._window.close()
+            if self.drain_on_close:
+                self._run(drain=True)
+        finally:
+            if self._owned:
+                for c in self._clients:
+                    c.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _flat(raw: Any) -> list[bytes]:
+    """HGETALL replies come as dicts from some clients and flat lists from scripts."""
+    if isinstance(raw, Mapping):
+        return [x for pair in raw.items() for x in pair]
+    return list(cast("Sequence[bytes]", raw))
+
+
+def _require_filters(filters: object) -> None:
+    raise InvalidUpdateError(
+        "filters must identify a row: give at least one column, e.g. {'id': 42}",
+        field="filters",
+        expected="non-empty Mapping[str, Value]",
+        got=type_name(filters),
+    )
+
+
+def _rejection(code: str, field: str) -> InvalidUpdateError:
+    kind, _, name = field.partition(":")
+    label = {"c": "columns", "f": "columns", "G": "greatest", "L": "least"}.get(kind, kind)
+    where = f"{label}[{name!r}]"
+    if code == "overflow":
+        return InvalidUpdateError(
+            f"{where}: the buffered sum would overflow signed 64-bit; the update was not stored",
+            field=where,
+            expected="sum in [-2**63, 2**63-1]",
+            got="int",
+        )
+    if code == "nonfinite":
+        return InvalidUpdateError(
+            f"{where}: the buffered float sum would not be finite; the update was not stored",
+            field=where,
+            expected="finite float sum",
+            got="float",
+        )
+    return InvalidUpdateError(
+        f"{where}: cannot compare the new value with the buffered one of another type; "
+        "a column must keep one type",
+        field=where,
+        expected="the buffered value's type",
+        got="another type",
+    )

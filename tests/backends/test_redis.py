@@ -1,0 +1,203 @@
+import threading
+
+import pytest
+import redis
+import redis.cluster
+
+import updatebuffer
+from updatebuffer.backends.redis import RedisBuffer
+from updatebuffer.testing.contract import BufferContract, Recorder
+
+pytestmark = pytest.mark.redis
+
+
+def _maker(connect, key_prefix):
+    made = []
+
+    def make(flush, **options):
+        options.setdefault("delay", 0)
+        buf = RedisBuffer(flush=flush, client=connect(), key_prefix=key_prefix, **options)
+        made.append(buf)
+        return buf
+
+    return make, made
+
+
+class RedisContract(BufferContract):
+    concurrency = (8, 2500)
+
+    def connect(self, request):
+        raise NotImplementedError
+
+    @pytest.fixture
+    def make_buffer(self, request, key_prefix):
+        clients = []
+
+        def connect():
+            client = self.connect(request)
+            clients.append(client)
+            return client
+
+        make, made = _maker(connect, key_prefix)
+        yield make
+        for buf in made:
+            buf.close()
+        for client in clients:
+            if isinstance(client, list):
+                for c in client:
+                    c.close()
+            else:
+                client.close()
+
+
+class TestSingleNode(RedisContract):
+    def connect(self, request):
+        server = request.getfixturevalue("redis_server")
+        return redis.Redis(host=server.host, port=server.port)
+
+
+class TestTwoNodes(RedisContract):
+    def connect(self, request):
+        nodes = request.getfixturevalue("redis_nodes")
+        return [redis.Redis(host=s.host, port=s.port) for s in nodes.servers]
+
+
+@pytest.mark.redis_cluster
+class TestCluster(RedisContract):
+    def connect(self, request):
+        cluster = request.getfixturevalue("redis_cluster")
+        host, port = cluster.startup_nodes[0]
+        return redis.cluster.RedisCluster(host=host, port=port)
+
+
+def test_from_url_single_node(redis_server, key_prefix):
+    rec = Recorder()
+    buf = updatebuffer.from_url(f"{redis_server.url}?delay=0&key_prefix={key_prefix}", flush=rec)
+    assert type(buf) is RedisBuffer
+    buf.incr("g", {"n": 1}, {"id": 1})
+    assert buf.process_pending() == 1
+    buf.close()
+    buf.close()
+
+
+def test_from_config_sentry_shape_spreads_rows_over_nodes(redis_nodes, key_prefix):
+    rec = Recorder()
+    hosts = {i: {"host": s.host, "port": s.port} for i, s in enumerate(redis_nodes.servers)}
+    buf = updatebuffer.from_config(
+        {"backend": "redis", "options": {"hosts": hosts, "delay": 0, "key_prefix": key_prefix}},
+        flush=rec,
+    )
+    for i in range(200):
+        buf.incr("g", {"n": 1}, {"id": i})
+    per_node = {}
+    for label, n in buf.stats().pending_by_partition.items():
+        node = label.split("/")[0]
+        per_node[node] = per_node.get(node, 0) + n
+    assert set(per_node) == {"node0", "node1"} and all(n > 50 for n in per_node.values())
+    assert buf.drain() == 200
+    buf.close()
+
+
+@pytest.mark.redis_cluster
+def test_cluster_rows_spread_over_all_masters(redis_cluster, key_prefix):
+    rec = Recorder()
+    buf = updatebuffer.from_url(f"{redis_cluster.url}?delay=0&key_prefix={key_prefix}", flush=rec)
+    for i in range(300):
+        buf.incr("g", {"n": 1}, {"id": i})
+    used = set()
+    for server in redis_cluster.servers:
+        client = redis.Redis(host=server.host, port=server.port)
+        if any(client.scan_iter(match=f"{key_prefix}:*", count=1000)):
+            used.add(server.port)
+        client.close()
+    assert len(used) == 3
+    assert buf.drain() == 300
+    assert rec.total("n") == 300
+    buf.close()
+
+
+def test_int64_overflow_is_rejected_and_row_kept(redis_server, key_prefix):
+    rec = Recorder()
+    buf = RedisBuffer(
+        flush=rec, client=redis.Redis(port=redis_server.port), key_prefix=key_prefix, delay=0
+    )
+    buf.incr("g", {"a": 1, "n": 2**63 - 1}, {"id": 1})
+    with pytest.raises(updatebuffer.InvalidUpdateError, match=r"columns\['n'\]") as info:
+        buf.incr("g", {"a": 1, "n": 1}, {"id": 1})
+    assert isinstance(info.value, ValueError)
+    pending = buf.get("g", {"id": 1})
+    assert pending.columns == {"a": 1, "n": 2**63 - 1} and pending.count == 1
+    buf.drain()
+    assert rec.updates()[0].columns == {"a": 1, "n": 2**63 - 1}
+    buf.close()
+
+
+def test_unreachable_server_raises_backend_error_quickly(key_prefix):
+    from updatebuffer.testing.servers import free_port
+
+    port = free_port()
+    buf = updatebuffer.from_url(
+        f"redis://127.0.0.1:{port}/0?socket_timeout=0.5&key_prefix={key_prefix}",
+        flush=Recorder(),
+    )
+    with pytest.raises(updatebuffer.BackendError) as info:
+        buf.incr("g", {"n": 1}, {"id": 1})
+    assert isinstance(info.value.__cause__, redis.exceptions.ConnectionError)
+    with pytest.raises(updatebuffer.BackendError):
+        buf.process_pending()
+    buf.close()
+
+
+def test_password_is_masked(redis_server):
+    buf = updatebuffer.from_url(
+        f"redis://user:s3cret@127.0.0.1:{redis_server.port}/0", flush=Recorder()
+    )
+    assert "s3cret" not in repr(buf)
+    with pytest.raises(updatebuffer.BackendError) as info:
+        buf.incr("g", {"n": 1}, {"id": 1})
+    assert "s3cret" not in str(info.value)
+    buf.close()
+
+
+def test_local_window_pushes_merged_rows(redis_server, key_prefix):
+    rec = Recorder()
+    buf = RedisBuffer(
+        flush=rec,
+        client=redis.Redis(port=redis_server.port),
+        key_prefix=key_prefix,
+        delay=0,
+        local_window=0.05,
+    )
+
+    def produce():
+        for i in range(5000):
+            buf.incr("g", {"n": 1}, {"id": i % 100})
+
+    threads = [threading.Thread(target=produce) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    buf.drain()
+    assert rec.total("n") == 20000
+    assert buf.stats().updates_accepted == 20000
+    buf.close()
+
+
+def test_local_window_overflow_becomes_dead_letter(redis_server, key_prefix):
+    rec = Recorder()
+    client = redis.Redis(port=redis_server.port)
+    plain = RedisBuffer(flush=rec, client=client, key_prefix=key_prefix, delay=3600)
+    plain.incr("g", {"n": 2**63 - 1}, {"id": 1})
+    buf = RedisBuffer(flush=rec, client=client, key_prefix=key_prefix, delay=3600, local_window=30)
+    buf.incr("g", {"n": 5}, {"id": 1})
+    buf.close()  # pushes the window: redis refuses the sum, the row is kept as a dead letter
+    letters = plain.dead_letters()
+    assert len(letters) == 1 and letters[0].update.columns == {"n": 5}
+    assert "overflow" in letters[0].error
+    plain.drain()
+    assert rec.total("n") == 2**63 - 1
+    assert plain.replay_dead_letters() == 1
+    plain.drain()
+    assert rec.total("n") == 2**63 - 1 + 5
+    plain.close()

@@ -1,0 +1,15 @@
+-- The flush callback raised: release the lease into the retry set after a backoff.
+-- KEYS[1] batch key, KEYS[2] leases, KEYS[3] retry, KEYS[4] stats.
+-- ARGV: batch id, the attempt this worker holds, backoff ms, error text.
+-- Fenced by the attempt: a worker whose lease expired and was re-claimed changes nothing.
+local bkey, leases, retry, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local id, held, backoff = ARGV[1], ARGV[2], tonumber(ARGV[3])
+redis.call('HINCRBY', stats, 'failures', 1)
+if redis.call('HGET', bkey, 'attempt') ~= held or not redis.call('ZSCORE', leases, id) then
+  return 0
+end
+local now = now_ms()
+redis.call('ZREM', leases, id)
+redis.call('ZADD', retry, now + backoff, id)
+redis.call('HSET', bkey, 'error', ARGV[4], 'failed_at', now)
+return 1
