@@ -24,6 +24,7 @@ __all__ = [
     "check_sum",
     "check_values",
     "ordered_pick",
+    "require_filters",
     "row_identity",
 ]
 
@@ -110,7 +111,7 @@ def check_columns(columns: object) -> dict[str, Number]:
         if kind is int:
             if not INT64_MIN <= delta <= INT64_MAX:
                 raise InvalidUpdateError(
-                    f"columns[{name!r}]: delta {delta} is outside the signed 64-bit range",
+                    f"columns[{name!r}]: int delta {delta} is outside the signed 64-bit range",
                     field=f"columns[{name!r}]",
                     expected="int in [-2**63, 2**63-1]",
                     got="int",
@@ -118,7 +119,7 @@ def check_columns(columns: object) -> dict[str, Number]:
         elif kind is float:
             if not math.isfinite(delta):
                 raise InvalidUpdateError(
-                    f"columns[{name!r}]: delta {delta!r} is not finite",
+                    f"columns[{name!r}]: float delta {delta!r} is not finite",
                     field=f"columns[{name!r}]",
                     expected="finite float",
                     got="float",
@@ -144,7 +145,7 @@ def check_sum(name: str, total: Number) -> None:
     """Raise :class:`InvalidUpdateError` if a merged integer *total* leaves signed 64-bit."""
     if type(total) is int and not INT64_MIN <= total <= INT64_MAX:
         raise InvalidUpdateError(
-            f"columns[{name!r}]: the buffered sum would overflow signed 64-bit ({total}); "
+            f"columns[{name!r}]: the buffered int sum would overflow signed 64-bit ({total}); "
             "the update was not stored",
             field=f"columns[{name!r}]",
             expected="sum in [-2**63, 2**63-1]",
@@ -208,3 +209,18 @@ def ordered_pick(what: str, name: str, old: Value, new: Value, want_greater: boo
             expected=type_name(old),
             got=type_name(new),
         ) from None
+
+
+def require_filters(filters: object) -> None:
+    """Raise :class:`InvalidUpdateError` if *filters* is ``None`` or an empty mapping.
+
+    A row identified by no column would be every row of the table: almost always a bug.
+    """
+    if filters is None or (isinstance(filters, Mapping) and not filters):
+        got = type_name(filters)
+        raise InvalidUpdateError(
+            f"filters must identify a row: give at least one column, e.g. {{'id': 42}}; got {got}",
+            field="filters",
+            expected="non-empty Mapping[str, Value]",
+            got=got,
+        )

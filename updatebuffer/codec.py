@@ -167,10 +167,20 @@ def _decode_decimal(raw: bytes) -> decimal.Decimal:
     return value
 
 
+# isoformat() writes a sub-second UTC offset as +HH:MM:SS.ffffff; CPython's fromisoformat()
+# drops it to UTC when HH:MM:SS is 00:00:00, so such an offset is rebuilt here.
+_FRACTIONAL_OFFSET = re.compile(r"([+-])00:00:00\.([0-9]{6})\Z")
+
+
 def _decode_datetime(raw: bytes) -> datetime.datetime:
-    value = datetime.datetime.fromisoformat(raw.decode("ascii"))
+    text = raw.decode("ascii")
+    value = datetime.datetime.fromisoformat(text)
     if value.tzinfo is None:
         raise ValueError("naive datetime")
+    tiny = _FRACTIONAL_OFFSET.search(text)
+    if tiny is not None:
+        offset = datetime.timedelta(microseconds=int(tiny.group(2)))
+        value = value.replace(tzinfo=datetime.timezone(-offset if tiny.group(1) == "-" else offset))
     return value
 
 

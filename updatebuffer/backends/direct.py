@@ -14,9 +14,14 @@ from urllib.parse import urlsplit
 
 from typing_extensions import Self
 
-from updatebuffer._validate import check_columns, check_ordered, check_values, row_identity
-from updatebuffer.backends.memory import _require_filters
-from updatebuffer.config import Option, parse_options
+from updatebuffer._validate import (
+    check_columns,
+    check_ordered,
+    check_values,
+    require_filters,
+    row_identity,
+)
+from updatebuffer.config import Option, mask_url, parse_options
 from updatebuffer.errors import ConfigurationError, InvalidUpdateError, UpdateBufferError
 from updatebuffer.update import Batch, BufferStats, FlushCallback, Update
 
@@ -65,7 +70,9 @@ class DirectBuffer:
         """
         parts = urlsplit(url)
         if parts.scheme != "direct" or parts.netloc or parts.path.strip("/"):
-            raise ConfigurationError(f"direct backend URL must be 'direct://', got {url!r}")
+            raise ConfigurationError(
+                f"direct backend URL must be 'direct://', got {mask_url(url)!r}"
+            )
         parse_options("direct", cls.OPTIONS, url, options)
         return cls(flush=flush)
 
@@ -91,7 +98,7 @@ class DirectBuffer:
         if self._closed:
             raise UpdateBufferError("incr() on a closed buffer")
         if not filters:
-            _require_filters(filters)
+            require_filters(filters)
         row_identity(model, filters)
         if not isinstance(signal_only, bool):
             raise InvalidUpdateError(

@@ -14,7 +14,6 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -30,9 +29,18 @@ from updatebuffer._validate import (
     check_sum,
     check_values,
     ordered_pick,
+    require_filters,
     row_identity,
 )
-from updatebuffer.config import Option, boolean, choice, count, duration, parse_options
+from updatebuffer.config import (
+    Option,
+    boolean,
+    choice,
+    count,
+    duration,
+    mask_url,
+    parse_options,
+)
 from updatebuffer.errors import (
     BufferFullError,
     ConfigurationError,
@@ -42,6 +50,7 @@ from updatebuffer.errors import (
 from updatebuffer.update import Batch, BufferStats, FlushCallback, Update, merge_updates
 
 if TYPE_CHECKING:
+    from collections.abc import Hashable, Mapping
     from types import TracebackType
 
     from updatebuffer._types import Number, Value
@@ -243,10 +252,13 @@ class MemoryBuffer:
         """
         parts = urlsplit(url)
         if parts.scheme != "memory":
-            raise ConfigurationError(f"memory backend URLs start with 'memory://', got {url!r}")
+            raise ConfigurationError(
+                f"memory backend URLs start with 'memory://', got {mask_url(url)!r}"
+            )
         if parts.netloc or parts.path.strip("/"):
             raise ConfigurationError(
-                f"memory backend URLs take no host or path, got {url!r}; use 'memory://?delay=1'"
+                f"memory backend URLs take no host or path, got {mask_url(url)!r}; "
+                "use 'memory://?delay=1'"
             )
         return cls(flush=flush, **parse_options("memory", cls.OPTIONS, url, options))
 
@@ -297,6 +309,7 @@ class MemoryBuffer:
             if (
                 tag is not None
                 and type(delta) is int
+                and INT64_MIN <= delta <= INT64_MAX
                 and type(column) is str
                 and column
                 and type(name) is str
@@ -328,7 +341,7 @@ class MemoryBuffer:
         signal_only: bool,
     ) -> None:
         if not filters:
-            _require_filters(filters)
+            require_filters(filters)
         key = row_identity(model, filters)
         cols = check_columns(columns)
         ext = check_values(extra, "extra") if extra else {}
@@ -625,16 +638,6 @@ class MemoryBuffer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _require_filters(filters: object) -> None:
-    if filters is None or (isinstance(filters, Mapping) and not filters):
-        raise InvalidUpdateError(
-            "filters must identify a row: give at least one column, e.g. {'id': 42}",
-            field="filters",
-            expected="non-empty Mapping[str, Value]",
-            got=type(filters).__qualname__,
-        )
 
 
 def _merge_into(

@@ -41,7 +41,7 @@ from urllib.parse import urlsplit, urlunsplit
 from typing_extensions import Self
 
 from updatebuffer._retry import DeadLetter, backoff_delay
-from updatebuffer._validate import check_columns, check_ordered, check_values
+from updatebuffer._validate import check_columns, check_ordered, check_values, require_filters
 from updatebuffer.codec import decode_value, encode_value, type_name
 from updatebuffer.config import Option, boolean, count, duration, mask_url, parse_options, text
 from updatebuffer.errors import (
@@ -658,7 +658,7 @@ class RedisBuffer:
             )
             return
         if not filters:
-            _require_filters(filters)
+            require_filters(filters)
         canonical = encode_row(model, filters)  # type: ignore[arg-type]  # None refused above
         if signal_only is not True and signal_only is not False:
             raise InvalidUpdateError(
@@ -1067,15 +1067,6 @@ def _flat(raw: Any) -> list[bytes]:
     if isinstance(raw, Mapping):
         return [x for pair in raw.items() for x in pair]
     return list(cast("Sequence[bytes]", raw))
-
-
-def _require_filters(filters: object) -> None:
-    raise InvalidUpdateError(
-        "filters must identify a row: give at least one column, e.g. {'id': 42}",
-        field="filters",
-        expected="non-empty Mapping[str, Value]",
-        got=type_name(filters),
-    )
 
 
 def _rejection(code: str, field: str) -> InvalidUpdateError:
