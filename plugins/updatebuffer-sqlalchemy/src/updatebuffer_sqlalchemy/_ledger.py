@@ -1,0 +1,91 @@
+"""The applied-batches ledger that makes a redelivered batch a no-op."""
+
+from __future__ import annotations
+
+import datetime
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Engine
+
+__all__ = ["DEFAULT_LEDGER_TABLE", "create_ledger", "ledger_table", "prune_ledger"]
+
+DEFAULT_LEDGER_TABLE = "updatebuffer_applied_batches"
+"""Default name of the ledger table."""
+
+# Batch ids are a uuid hex plus ".0"/".1" per split; 255 leaves room and stays indexable on MySQL.
+_BATCH_ID_LENGTH = 255
+
+
+def ledger_table(
+    metadata: sa.MetaData | None = None, name: str = DEFAULT_LEDGER_TABLE
+) -> sa.Table:
+    """Return the ledger :class:`~sqlalchemy.Table`: ``(batch_id primary key, applied_at)``.
+
+    Add it to your own ``MetaData`` to have Alembic (or ``metadata.create_all``) manage it.
+
+    :param metadata: the metadata to define it in (a new one by default).
+    :param name: the table name.
+    """
+    return sa.Table(
+        name,
+        metadata if metadata is not None else sa.MetaData(),
+        sa.Column("batch_id", sa.String(_BATCH_ID_LENGTH), primary_key=True),
+        sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+    )
+
+
+def create_ledger(engine: Engine, name: str = DEFAULT_LEDGER_TABLE) -> sa.Table:
+    """Create the ledger table if it does not exist yet and return it.
+
+    :param engine: the database to create it in.
+    :param name: the table name; pass the same ``ledger_table`` to :class:`SQLAlchemyFlush`.
+    """
+    table = ledger_table(name=name)
+    table.create(engine, checkfirst=True)
+    return table
+
+
+def prune_ledger(
+    engine: Engine, older_than: datetime.timedelta, name: str = DEFAULT_LEDGER_TABLE
+) -> int:
+    """Delete ledger entries older than *older_than*; return how many were deleted.
+
+    A batch id only needs remembering while the batch can still be redelivered: keep entries for
+    well over the buffer's longest retry window (``max_attempts`` backoffs, lease expiry).
+
+    :param engine: the database.
+    :param older_than: the age past which entries are deleted.
+    :param name: the ledger table name.
+    """
+    table = ledger_table(name=name)
+    cutoff = datetime.datetime.now(datetime.timezone.utc) - older_than
+    with engine.begin() as conn:
+        return conn.execute(sa.delete(table).where(table.c.applied_at < cutoff)).rowcount
+
+
+def claim(conn: Connection, table: sa.Table, batch_id: str) -> bool:
+    """Record *batch_id* in the ledger in the open transaction; return false if it is there.
+
+    The insert goes first in the transaction: a second worker holding the same batch (a lease that
+    expired under a slow flush) blocks on the uncommitted key until the first one commits, and then
+    sees the id and skips -- or proceeds if the first one rolled back.
+    """
+    now = datetime.datetime.now(datetime.timezone.utc)
+    dialect = conn.dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        stmt = insert(table).values(batch_id=batch_id, applied_at=now).on_conflict_do_nothing()
+        # SQLAlchemy only promises rowcount for UPDATE/DELETE unless asked to keep it.
+        result = conn.execution_options(preserve_rowcount=True).execute(stmt)
+        return result.rowcount == 1
+    seen = conn.execute(sa.select(table.c.batch_id).where(table.c.batch_id == batch_id)).first()
+    if seen is not None:
+        return False
+    # A concurrent duplicate makes this insert fail with IntegrityError: the transaction rolls
+    # back, the buffer redelivers, and the next attempt sees the id and skips.
+    conn.execute(sa.insert(table).values(batch_id=batch_id, applied_at=now))
+    return True

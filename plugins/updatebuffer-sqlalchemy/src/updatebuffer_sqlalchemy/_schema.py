@@ -1,0 +1,224 @@
+"""Resolve ``tables={model: Table | ORM class}`` and check updates against it, before any write."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Mapper
+from updatebuffer import ConfigurationError
+
+from updatebuffer_sqlalchemy._errors import UnwritableUpdateError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from updatebuffer import Update, Value
+
+__all__ = ["Model", "Signature", "check_update", "resolve_tables", "signature", "sort_rows"]
+
+#: ``(filters as (name, is None), columns, extra, greatest, least)``: rows with one signature can
+#: share one statement.
+Signature: TypeAlias = tuple[
+    tuple[tuple[str, bool], ...],
+    tuple[str, ...],
+    tuple[str, ...],
+    tuple[str, ...],
+    tuple[str, ...],
+]
+
+_OPS = ("filters", "columns", "extra", "greatest", "least")
+_SHOWN = 20  # column names listed in an error message
+
+
+@dataclass(frozen=True)
+class Model:
+    """One mapped model: its table, its field-name-to-column map and its unique keys."""
+
+    name: str
+    table: sa.Table
+    columns: Mapping[str, sa.Column[Any]]
+    unique_keys: frozenset[frozenset[str]]
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:_SHOWN])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > _SHOWN else "")
+
+
+def _resolve(model: object, target: object) -> Model:
+    if not isinstance(model, str) or not model:
+        raise ConfigurationError(
+            f"tables keys must be non-empty model names (str), got {model!r}", option="tables"
+        )
+    if isinstance(target, sa.Table):
+        table = target
+        columns: dict[str, sa.Column[Any]] = {c.key: c for c in table.columns}
+    else:
+        try:
+            mapper = sa.inspect(target)
+        except sa_exc.NoInspectionAvailable:
+            mapper = None
+        if not isinstance(mapper, Mapper) or not isinstance(mapper.local_table, sa.Table):
+            raise ConfigurationError(
+                f"tables[{model!r}] must be a sqlalchemy Table or a mapped ORM class, got "
+                f"{target!r}",
+                option="tables",
+            )
+        table = mapper.local_table
+        # ORM users name attributes; the attribute key may differ from the column name. Columns
+        # inherited from a parent table live elsewhere and cannot be written here.
+        columns = {
+            key: col
+            for key, col in mapper.columns.items()
+            if isinstance(col, sa.Column) and col.table is table
+        }
+    if not columns:
+        raise ConfigurationError(f"tables[{model!r}]: table {table.name!r} has no columns")
+    field_of = {col: key for key, col in columns.items()}
+    keys: set[frozenset[str]] = set()
+    constraints = [
+        [*c.columns]
+        for c in table.constraints
+        if isinstance(c, (sa.PrimaryKeyConstraint, sa.UniqueConstraint))
+    ]
+    constraints += [
+        [*i.columns]
+        for i in table.indexes
+        if i.unique and all(isinstance(e, sa.Column) for e in i.expressions)
+    ]
+    constraints += [[c] for c in table.columns if c.unique]
+    for cols in constraints:
+        if cols and all(c in field_of for c in cols):
+            keys.add(frozenset(field_of[c] for c in cols))
+    return Model(model, table, columns, frozenset(keys))
+
+
+def resolve_tables(tables: Mapping[str, object]) -> dict[str, Model]:
+    """Resolve and validate the ``tables`` mapping.
+
+    :raises ConfigurationError: a key is not a non-empty str, or a value is neither a
+        :class:`~sqlalchemy.Table` nor a mapped class with a table.
+    """
+    if not hasattr(tables, "items") or not tables:
+        raise ConfigurationError(
+            "tables must be a non-empty mapping of model name to Table or ORM class, e.g. "
+            "tables={'groups': groups_table}",
+            option="tables",
+        )
+    return {name: _resolve(name, target) for name, target in tables.items()}
+
+
+def check_update(models: Mapping[str, Model], update: Update, *, upsert: bool) -> Model:
+    """Return the model *update* writes to, or raise naming what is wrong.
+
+    :raises UnwritableUpdateError: unknown model, unknown column, a column used twice, no
+        filters, or (for upsert) filters that are NULL or not a unique key.
+    """
+    model = models.get(update.model)
+    if model is None:
+        known = sorted(models)
+        raise UnwritableUpdateError(
+            f"model {update.model!r} is not mapped to a table; mapped models: {_listing(known)}."
+            " Add it to SQLAlchemyFlush(tables=...)",
+            model=update.model,
+            field="model",
+            expected=f"one of {known!r}",
+            got=repr(update.model),
+        )
+    if not update.filters:
+        # Without a WHERE clause an UPDATE would touch every row of the table.
+        raise UnwritableUpdateError(
+            f"update of model {update.model!r} has no filters; a row is identified by at least"
+            " one column",
+            model=update.model,
+            field="filters",
+            expected="at least one filter",
+            got="{}",
+        )
+    seen: dict[str, str] = {}
+    for op in _OPS:
+        for name in getattr(update, op):
+            if name not in model.columns:
+                known = sorted(model.columns)
+                raise UnwritableUpdateError(
+                    f"{op}[{name!r}] of model {update.model!r}: table {model.table.fullname!r} "
+                    f"has no column {name!r}; its columns: {_listing(known)}",
+                    model=update.model,
+                    field=f"{op}[{name!r}]",
+                    expected=f"a column of {model.table.fullname!r}",
+                    got=repr(name),
+                )
+            if name in seen:
+                raise UnwritableUpdateError(
+                    f"column {name!r} of model {update.model!r} appears in both {seen[name]} and "
+                    f"{op}; one update can give a column only one operation",
+                    model=update.model,
+                    field=f"{op}[{name!r}]",
+                    expected="each column in one of filters/columns/extra/greatest/least",
+                    got=f"{seen[name]} and {op}",
+                )
+            seen[name] = op
+    if upsert:
+        nulls = [name for name, value in update.filters.items() if value is None]
+        if nulls:
+            raise UnwritableUpdateError(
+                f"filters[{nulls[0]!r}] of model {update.model!r} is None: upsert cannot match "
+                "NULL (it would insert a new row on every flush)",
+                model=update.model,
+                field=f"filters[{nulls[0]!r}]",
+                expected="a non-NULL value",
+                got="None",
+            )
+        if frozenset(update.filters) not in model.unique_keys:
+            keys = sorted(sorted(k) for k in model.unique_keys)
+            raise UnwritableUpdateError(
+                f"upsert of model {update.model!r} by {sorted(update.filters)!r}: table "
+                f"{model.table.fullname!r} has no primary key or unique constraint on exactly "
+                f"these columns (declared keys: {keys!r}); INSERT ... ON CONFLICT needs one",
+                model=update.model,
+                field="filters",
+                expected=f"one of {keys!r}",
+                got=repr(sorted(update.filters)),
+            )
+    return model
+
+
+def writes(update: Update, *, upsert: bool) -> bool:
+    """Whether *update* writes anything (a signal, or an update with no values, does not)."""
+    if update.signal_only:
+        return False
+    return upsert or bool(update.columns or update.extra or update.greatest or update.least)
+
+
+def signature(update: Update) -> Signature:
+    """The shape of *update*: which columns it filters on and writes, by operation."""
+    return (
+        tuple(sorted((name, value is None) for name, value in update.filters.items())),
+        tuple(sorted(update.columns)),
+        tuple(sorted(update.extra)),
+        tuple(sorted(update.greatest)),
+        tuple(sorted(update.least)),
+    )
+
+
+def _key(update: Update) -> tuple[tuple[str, str, Value], ...]:
+    # The type name keeps values of different types apart, so `<` only ever compares values of
+    # one type (1 and "1" are different rows to the buffer).
+    return tuple((k, type(v).__name__, v) for k, v in sorted(update.filters.items()))
+
+
+def sort_rows(rows: list[Update]) -> list[Update]:
+    """Sort rows by filters so that every flusher locks rows in the same order."""
+    try:
+        return sorted(rows, key=_key)
+    except TypeError:  # values of one type that do not order (never for codec types in practice)
+        return sorted(rows, key=lambda u: repr(_key(u)))
+
+
+def runs(rows: list[Update]) -> list[tuple[Signature, list[Update]]]:
+    """Split sorted rows into consecutive runs of one signature, keeping the order."""
+    return [(sig, list(group)) for sig, group in itertools.groupby(rows, key=signature)]

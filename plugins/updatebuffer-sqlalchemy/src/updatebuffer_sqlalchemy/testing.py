@@ -1,0 +1,430 @@
+"""Start a throwaway PostgreSQL cluster for tests and benchmarks.
+
+:class:`PostgresServer` runs ``initdb`` into a temporary directory and then ``postgres`` as a
+child process on a free 127.0.0.1 port, and stops it by pid (the same shape as
+:class:`updatebuffer.testing.servers.RedisServer`). It never touches a server it did not start,
+so the machine's own PostgreSQL on port 5432 is safe.
+
+``initdb`` refuses to run as root. When this process is root, the cluster is created and run as an
+unprivileged user (``postgres`` when it exists, else ``nobody``) that owns the temporary directory.
+
+Example::
+
+    from updatebuffer_sqlalchemy.testing import PostgresServer
+
+    with PostgresServer() as pg:
+        engine = sqlalchemy.create_engine(pg.url)  # postgresql+psycopg://postgres@127.0.0.1:PORT/postgres
+
+The binaries are found through ``UPDATEBUFFER_PG_BINDIR``, then ``pg_config --bindir``, then
+``/usr/lib/postgresql/<newest>/bin``, then ``PATH``. The module needs neither a driver nor pytest
+(pytest is imported only by :func:`skip_or_fail_without_postgres`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from updatebuffer.testing.servers import HOST, free_port
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from types import TracebackType
+
+    from typing_extensions import Self
+
+__all__ = [
+    "PG_BINDIR_ENV",
+    "TEST_URL_ENV",
+    "PostgresNotAvailableError",
+    "PostgresServer",
+    "PostgresStartupError",
+    "find_pg_bindir",
+    "skip_or_fail_without_postgres",
+]
+
+PG_BINDIR_ENV = "UPDATEBUFFER_PG_BINDIR"
+"""Environment variable naming the directory that holds ``initdb`` and ``postgres``."""
+
+TEST_URL_ENV = "UPDATEBUFFER_TEST_POSTGRES_URL"
+"""Environment variable with the URL of an existing PostgreSQL server the tests may use instead."""
+
+# Settings for a disposable cluster: durability is pointless for data that is deleted at stop, and
+# turning it off keeps the test suite fast. Pass settings=... to override (the benchmark does).
+DEFAULT_SETTINGS: Mapping[str, str] = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "50",
+    "shared_buffers": "64MB",
+}
+
+_START_ATTEMPTS = 5
+_STOP_TIMEOUT = 30.0
+_POLL_INTERVAL = 0.02
+_READY_MARKER = "database system is ready to accept connections"
+_BIND_FAILURE_MARKERS = ("could not bind", "Address already in use", "could not create any TCP")
+_LOG_TAIL_LINES = 25
+
+
+class PostgresNotAvailableError(RuntimeError):
+    """The PostgreSQL server binaries (``initdb``, ``postgres``) cannot be found."""
+
+
+class PostgresStartupError(RuntimeError):
+    """``initdb`` failed, or the server did not become ready in time."""
+
+
+class _PortTakenError(Exception):
+    """The server exited because its port was already bound."""
+
+
+def find_pg_bindir() -> str | None:
+    """Return the directory holding ``initdb`` and ``postgres``, or ``None`` when there is none."""
+    candidates: list[str] = []
+    override = os.environ.get(PG_BINDIR_ENV)
+    if override:
+        candidates.append(override)
+    else:
+        pg_config = shutil.which("pg_config")
+        if pg_config is not None:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                out = subprocess.run(
+                    [pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True
+                )
+                candidates.append(out.stdout.strip())
+        # Debian keeps the server binaries off PATH, one directory per major version.
+        versions = glob.glob("/usr/lib/postgresql/*/bin")
+        versions.sort(key=lambda p: int(p.split("/")[-2]) if p.split("/")[-2].isdigit() else 0)
+        candidates.extend(reversed(versions))
+        on_path = shutil.which("initdb")
+        if on_path is not None:
+            candidates.append(os.path.dirname(os.path.realpath(on_path)))
+    for bindir in candidates:
+        if all(os.access(os.path.join(bindir, b), os.X_OK) for b in ("initdb", "postgres")):
+            return bindir
+    return None
+
+
+def _not_available_message() -> str:
+    override = os.environ.get(PG_BINDIR_ENV)
+    if override:
+        return f"{PG_BINDIR_ENV}={override!r} does not hold initdb and postgres; fix or unset it."
+    return (
+        "PostgreSQL server binaries (initdb, postgres) were not found via pg_config, "
+        "/usr/lib/postgresql/*/bin or PATH. Install them (`apt-get install postgresql`), set "
+        f"{PG_BINDIR_ENV}, or point {TEST_URL_ENV} at an existing server."
+    )
+
+
+def _run_as() -> pwd.struct_passwd | None:
+    """The unprivileged account to run initdb/postgres as, or ``None`` to run as ourselves."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    raise PostgresNotAvailableError(
+        "running as root, and neither a 'postgres' nor a 'nobody' account exists to run "
+        "initdb/postgres as (PostgreSQL refuses to run as root)"
+    )
+
+
+_LIVE: set[PostgresServer] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _cleanup_at_exit() -> None:
+    with _LIVE_LOCK:
+        servers = list(_LIVE)
+    for server in servers:
+        # Best effort at interpreter exit: one broken server must not keep the others alive.
+        with contextlib.suppress(Exception):
+            server.stop(fast=False)
+
+
+atexit.register(_cleanup_at_exit)
+
+
+class PostgresServer:
+    """A disposable PostgreSQL cluster on a free 127.0.0.1 port, in a temporary directory it owns.
+
+    Use it as a context manager or call :meth:`start` and :meth:`stop`. The superuser is
+    ``postgres`` with trust authentication on loopback only; :attr:`url` is a SQLAlchemy URL for
+    psycopg 3.
+
+    :param settings: server settings (``-c name=value``); default :data:`DEFAULT_SETTINGS`
+        (durability off, for speed). Given settings are merged over the defaults.
+    :param startup_timeout: seconds to wait for ``initdb`` plus server readiness.
+    :param driver: the SQLAlchemy driver name used in :attr:`url`.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Mapping[str, str] | None = None,
+        startup_timeout: float = 60.0,
+        driver: str = "psycopg",
+    ) -> None:
+        self.host: str = HOST
+        self.settings: dict[str, str] = {**DEFAULT_SETTINGS, **(settings or {})}
+        self.startup_timeout = startup_timeout
+        self.driver = driver
+        self.port: int = free_port()
+        self._dir: str | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __repr__(self) -> str:
+        state = f"pid={self._proc.pid}" if self.running and self._proc else "stopped"
+        return f"<{type(self).__name__} {self.host}:{self.port} {state}>"
+
+    @property
+    def url(self) -> str:
+        """SQLAlchemy URL of the ``postgres`` database: ``postgresql+psycopg://...``."""
+        return f"postgresql+{self.driver}://postgres@{self.host}:{self.port}/postgres"
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        """The postmaster's process id.
+
+        :raises RuntimeError: if the server is not running.
+        """
+        if self._proc is None or self._proc.poll() is not None:
+            raise RuntimeError(f"{self!r} is not running")
+        return self._proc.pid
+
+    @property
+    def logfile(self) -> str:
+        """Path of the server log."""
+        if self._dir is None:
+            raise RuntimeError(f"{self!r} has no directory: it was never started or is stopped")
+        return os.path.join(self._dir, "postgres.log")
+
+    def start(self) -> Self:
+        """Create the cluster, start the server and wait until it accepts connections.
+
+        :raises PostgresNotAvailableError: the binaries cannot be found.
+        :raises PostgresStartupError: ``initdb`` failed or the server was not ready in time.
+        """
+        if self.running:
+            raise RuntimeError(f"{self!r} is already running")
+        bindir = find_pg_bindir()
+        if bindir is None:
+            raise PostgresNotAvailableError(_not_available_message())
+        account = _run_as()
+        self._dir = tempfile.mkdtemp(prefix="updatebuffer-pg-")
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+        try:
+            if account is not None:
+                os.chown(self._dir, account.pw_uid, account.pw_gid)
+            self._initdb(bindir, account)
+            for attempt in range(1, _START_ATTEMPTS + 1):
+                try:
+                    self._spawn(bindir, account)
+                    self._wait_ready()
+                except _PortTakenError:
+                    self._reap(kill=True)
+                    if attempt == _START_ATTEMPTS:
+                        raise PostgresStartupError(
+                            f"postgres could not bind a free port after {attempt} attempts\n"
+                            f"{self._log_tail()}"
+                        ) from None
+                    self.port = free_port()
+                else:
+                    break
+        except BaseException:
+            self.stop(fast=True)
+            raise
+        return self
+
+    def stop(self, *, fast: bool = True) -> None:
+        """Stop the server (SIGINT: fast shutdown, then SIGKILL) and remove its directory.
+
+        Safe to call more than once and on a server that never started.
+
+        :param fast: if false, wait up to 30 s for the fast shutdown before killing.
+        """
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # "fast" shutdown: roll back sessions, exit
+        self._reap(timeout=10.0 if fast else _STOP_TIMEOUT)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _preexec(self, account: pwd.struct_passwd | None) -> dict[str, object]:
+        if account is None:
+            return {}
+        return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+
+    def _env(self, account: pwd.struct_passwd | None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["LC_ALL"] = "C"
+        if account is not None:
+            env["HOME"] = self._dir or "/"
+            env["USER"] = env["LOGNAME"] = account.pw_name
+        return env
+
+    def _initdb(self, bindir: str, account: pwd.struct_passwd | None) -> None:
+        assert self._dir is not None
+        cmd = [
+            os.path.join(bindir, "initdb"),
+            "-D",
+            os.path.join(self._dir, "data"),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-locale",
+            "--no-sync",  # the cluster is thrown away; fsyncing its files only costs time
+        ]
+        try:
+            done = subprocess.run(
+                cmd,
+                cwd=self._dir,
+                env=self._env(account),
+                capture_output=True,
+                text=True,
+                timeout=self.startup_timeout,
+                check=False,
+                **self._preexec(account),  # type: ignore[arg-type]  # user/group/extra_groups kwargs
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise PostgresStartupError(f"initdb timed out after {self.startup_timeout:g} s") from exc
+        if done.returncode != 0:
+            raise PostgresStartupError(
+                f"initdb exited with status {done.returncode}: {' '.join(cmd)}\n"
+                f"{done.stdout[-2000:]}{done.stderr[-2000:]}"
+            )
+
+    def _spawn(self, bindir: str, account: pwd.struct_passwd | None) -> None:
+        assert self._dir is not None
+        args = [
+            os.path.join(bindir, "postgres"),
+            "-D",
+            os.path.join(self._dir, "data"),
+            "-p",
+            str(self.port),
+            "-c",
+            f"listen_addresses={self.host}",
+            "-c",
+            f"unix_socket_directories={self._dir}",
+        ]
+        for name, value in self.settings.items():
+            args += ["-c", f"{name}={value}"]
+        log = open(self.logfile, "ab")  # noqa: SIM115 - handed to the child, closed below
+        try:
+            if account is not None:
+                os.chown(self.logfile, account.pw_uid, account.pw_gid)
+            self._proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=self._dir,
+                env=self._env(account),
+                start_new_session=True,  # a Ctrl-C in the terminal must not shut it down early
+                **self._preexec(account),  # type: ignore[arg-type]  # user/group/extra_groups kwargs
+            )
+        finally:
+            log.close()
+        self._log_offset = 0
+
+    def _read_log(self) -> str:
+        try:
+            with open(self.logfile, "rb") as log:
+                return log.read().decode(errors="replace")
+        except (OSError, RuntimeError):
+            return ""
+
+    def _log_tail(self) -> str:
+        lines = self._read_log().splitlines()[-_LOG_TAIL_LINES:]
+        return "--- last lines of the postgres log ---\n" + ("\n".join(lines) or "(empty)")
+
+    def _wait_ready(self) -> None:
+        proc = self._proc
+        assert proc is not None
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            log = self._read_log()
+            code = proc.poll()
+            if code is not None:
+                if any(marker in log for marker in _BIND_FAILURE_MARKERS):
+                    raise _PortTakenError
+                raise PostgresStartupError(
+                    f"postgres exited with status {code} while starting on "
+                    f"{self.host}:{self.port}\n{self._log_tail()}"
+                )
+            if _READY_MARKER in log:
+                return
+            if time.monotonic() >= deadline:
+                raise PostgresStartupError(
+                    f"postgres (pid {proc.pid}) was not ready on {self.host}:{self.port} within "
+                    f"{self.startup_timeout:g} s\n{self._log_tail()}"
+                )
+            time.sleep(_POLL_INTERVAL)
+
+    def _reap(self, *, kill: bool = False, timeout: float = _STOP_TIMEOUT) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if kill and proc.poll() is None:
+            proc.kill()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # SIGQUIT makes the postmaster take its backends down with it; SIGKILL would orphan
+            # them holding the shared memory segment.
+            proc.send_signal(signal.SIGQUIT)
+            try:
+                proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._proc = None
+
+
+def skip_or_fail_without_postgres() -> None:
+    """Skip the calling test when PostgreSQL cannot be found; fail instead when ``CI=true``.
+
+    A CI run that silently skipped every PostgreSQL test would look green while testing nothing.
+    """
+    import pytest  # noqa: PLC0415 - only test code calls this; the module must not need pytest
+
+    if os.environ.get(TEST_URL_ENV) or find_pg_bindir() is not None:
+        return
+    message = _not_available_message()
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI=true and {message}")
+    pytest.skip(message)
