@@ -8,16 +8,20 @@ stops it at the end. Without PostgreSQL binaries the PostgreSQL tests skip, or f
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
 from ubsa_helpers import DB
+
 from updatebuffer_sqlalchemy.testing import (
     TEST_URL_ENV,
     PostgresServer,
     skip_or_fail_without_postgres,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +47,11 @@ def pg_db(postgres_url: str) -> Iterator[DB]:
     db = DB(sa.create_engine(postgres_url, pool_size=10))
     # A previous test that died mid-way must not leave tables behind for this one.
     with db.engine.begin() as conn:
-        conn.execute(sa.text("DROP TABLE IF EXISTS groups, items, events, updatebuffer_applied_batches CASCADE"))
+        conn.execute(
+            sa.text(
+                "DROP TABLE IF EXISTS groups, items, events, updatebuffer_applied_batches CASCADE"
+            )
+        )
     yield db
     db.drop()
 
@@ -52,5 +60,3 @@ def pg_db(postgres_url: str) -> Iterator[DB]:
 def db(request: pytest.FixtureRequest) -> DB:
     """Each test that takes ``db`` runs once on SQLite and once on PostgreSQL."""
     return request.getfixturevalue("sqlite_db" if request.param == "sqlite" else "pg_db")
-
-

@@ -6,6 +6,7 @@ import pytest
 import sqlalchemy as sa
 from ubsa_helpers import DB, batch, up
 from updatebuffer import ConfigurationError, InvalidUpdateError, Update
+
 from updatebuffer_sqlalchemy import SQLAlchemyFlush, UnwritableUpdateError, create_ledger
 from updatebuffer_sqlalchemy.testing import PostgresServer
 

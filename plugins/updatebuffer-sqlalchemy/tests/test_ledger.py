@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime
 import threading
+from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
 from ubsa_helpers import DB, batch, up
+
 from updatebuffer_sqlalchemy import (
     DEFAULT_LEDGER_TABLE,
     SQLAlchemyFlush,
@@ -15,6 +17,9 @@ from updatebuffer_sqlalchemy import (
     ledger_table,
     prune_ledger,
 )
+
+if TYPE_CHECKING:
+    from updatebuffer import Batch
 
 
 @pytest.fixture
@@ -81,22 +86,28 @@ def test_two_workers_with_the_same_batch_at_once_apply_it_once(pg_db: DB) -> Non
     pg_db.insert(groups, *({"id": i, "times_seen": 0} for i in range(1, 51)))
     flush = SQLAlchemyFlush(pg_db.engine, {"groups": groups})
     for round_ in range(20):
-        same = batch(*(up(filters={"id": i}, columns={"times_seen": 1}) for i in range(1, 51)),
-                     id=f"dup-{round_}")
+        same = batch(
+            *(up(filters={"id": i}, columns={"times_seen": 1}) for i in range(1, 51)),
+            id=f"dup-{round_}",
+        )
         start = threading.Barrier(4)
         errors: list[BaseException] = []
-
-        def work(b: object = same) -> None:
-            start.wait()
-            try:
-                flush(b)  # type: ignore[arg-type]
-            except BaseException as exc:  # pragma: no cover - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=work) for _ in range(4)]
+        threads = [
+            threading.Thread(target=_race, args=(flush, same, start, errors)) for _ in range(4)
+        ]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         assert errors == []
     assert {r["times_seen"] for r in pg_db.rows(groups).values()} == {20}
+
+
+def _race(
+    flush: SQLAlchemyFlush, same: Batch, start: threading.Barrier, errors: list[BaseException]
+) -> None:
+    start.wait()
+    try:
+        flush(same)
+    except BaseException as exc:  # pragma: no cover - reported by the test
+        errors.append(exc)

@@ -8,6 +8,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from ubsa_helpers import DB, batch, same_instant, ts, up
+
 from updatebuffer_sqlalchemy import SQLAlchemyFlush, create_ledger
 
 
@@ -137,7 +138,9 @@ def test_rows_of_different_shapes_in_one_batch(db: DB, groups: sa.Table) -> None
 
 
 def test_composite_filters(db: DB, groups: sa.Table) -> None:
-    db.insert(groups, {"id": 10, "project_id": 1, "hash": "a"}, {"id": 11, "project_id": 1, "hash": "b"})
+    db.insert(
+        groups, {"id": 10, "project_id": 1, "hash": "a"}, {"id": 11, "project_id": 1, "hash": "b"}
+    )
     flush = SQLAlchemyFlush(db.engine, {"groups": groups})
     flush(
         batch(

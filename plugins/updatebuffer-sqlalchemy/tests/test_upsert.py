@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
-import sqlalchemy as sa
 from ubsa_helpers import DB, batch, same_instant, ts, up
+
 from updatebuffer_sqlalchemy import SQLAlchemyFlush, UnwritableUpdateError, create_ledger
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 
 @pytest.fixture

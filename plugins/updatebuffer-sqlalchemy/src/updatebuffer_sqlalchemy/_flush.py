@@ -87,7 +87,7 @@ class SQLAlchemyFlush:
                 f"{type(engine).__qualname__}",
                 option="engine",
             )
-        if not isinstance(ledger_table, str) or not ledger_table:
+        if not _is_name(ledger_table):
             raise ConfigurationError(
                 f"ledger_table must be a non-empty table name, got {ledger_table!r}",
                 option="ledger_table",
@@ -163,6 +163,10 @@ class SQLAlchemyFlush:
             except Exception:
                 # Committed already: raising would make the buffer redeliver the batch.
                 log.exception("on_flushed failed for committed batch %s", batch.id)
+
+
+def _is_name(value: object) -> bool:
+    return isinstance(value, str) and bool(value)
 
 
 def _ledger(name: str) -> sa.Table:

@@ -20,9 +20,7 @@ DEFAULT_LEDGER_TABLE = "updatebuffer_applied_batches"
 _BATCH_ID_LENGTH = 255
 
 
-def ledger_table(
-    metadata: sa.MetaData | None = None, name: str = DEFAULT_LEDGER_TABLE
-) -> sa.Table:
+def ledger_table(metadata: sa.MetaData | None = None, name: str = DEFAULT_LEDGER_TABLE) -> sa.Table:
     """Return the ledger :class:`~sqlalchemy.Table`: ``(batch_id primary key, applied_at)``.
 
     Add it to your own ``MetaData`` to have Alembic (or ``metadata.create_all``) manage it.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -14,8 +15,6 @@ from updatebuffer import ConfigurationError
 from updatebuffer_sqlalchemy._errors import UnwritableUpdateError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
-
     from updatebuffer import Update, Value
 
 __all__ = ["Model", "Signature", "check_update", "resolve_tables", "signature", "sort_rows"]
@@ -71,11 +70,7 @@ def _resolve(model: object, target: object) -> Model:
         table = mapper.local_table
         # ORM users name attributes; the attribute key may differ from the column name. Columns
         # inherited from a parent table live elsewhere and cannot be written here.
-        columns = {
-            key: col
-            for key, col in mapper.columns.items()
-            if isinstance(col, sa.Column) and col.table is table
-        }
+        columns = {key: col for key, col in mapper.columns.items() if col.table is table}
     if not columns:
         raise ConfigurationError(f"tables[{model!r}]: table {table.name!r} has no columns")
     field_of = {col: key for key, col in columns.items()}
@@ -97,13 +92,13 @@ def _resolve(model: object, target: object) -> Model:
     return Model(model, table, columns, frozenset(keys))
 
 
-def resolve_tables(tables: Mapping[str, object]) -> dict[str, Model]:
+def resolve_tables(tables: object) -> dict[str, Model]:
     """Resolve and validate the ``tables`` mapping.
 
     :raises ConfigurationError: a key is not a non-empty str, or a value is neither a
         :class:`~sqlalchemy.Table` nor a mapped class with a table.
     """
-    if not hasattr(tables, "items") or not tables:
+    if not isinstance(tables, Mapping) or not tables:
         raise ConfigurationError(
             "tables must be a non-empty mapping of model name to Table or ORM class, e.g. "
             "tables={'groups': groups_table}",
@@ -195,7 +190,7 @@ def writes(update: Update, *, upsert: bool) -> bool:
 
 
 def signature(update: Update) -> Signature:
-    """The shape of *update*: which columns it filters on and writes, by operation."""
+    """Return the shape of *update*: which columns it filters on and writes, by operation."""
     return (
         tuple(sorted((name, value is None) for name, value in update.filters.items())),
         tuple(sorted(update.columns)),

@@ -10,6 +10,7 @@ import datetime
 import logging
 import threading
 import uuid
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import sqlalchemy as sa
@@ -35,7 +36,13 @@ Expr: TypeAlias = "ColumnElement[Any]"
 
 # Bound parameter names: prefixed so they cannot clash with a column name SQLAlchemy reserves for
 # the SET clause, and indexed by position in the signature.
-_PREFIX = {"filters": "ub_f", "columns": "ub_c", "extra": "ub_e", "greatest": "ub_g", "least": "ub_l"}
+_PREFIX = {
+    "filters": "ub_f",
+    "columns": "ub_c",
+    "extra": "ub_e",
+    "greatest": "ub_g",
+    "least": "ub_l",
+}
 # SQLite allows 32766 host parameters per statement (since 3.32); stay well below.
 _SQLITE_MAX_PARAMS = 10_000
 
@@ -86,7 +93,7 @@ class Writer:
     def set_clause(
         self, model: Model, sig: Signature, new: Callable[[str, int, sa.Column[Any]], Expr]
     ) -> dict[sa.Column[Any], Expr]:
-        """The SET clause of *sig*; ``new(prefix, i, column)`` gives the incoming value."""
+        """Build the SET clause of *sig*; ``new(prefix, i, column)`` gives the incoming value."""
         cols = model.columns
         out: dict[sa.Column[Any], Expr] = {}
         for i, name in enumerate(sig[1]):
@@ -103,11 +110,11 @@ class Writer:
 
     @staticmethod
     def bind(prefix: str, i: int, col: sa.Column[Any]) -> Expr:
-        """A bound parameter typed like *col*."""
+        """Return a bound parameter typed like *col*."""
         return sa.bindparam(f"{prefix}{i}", type_=col.type)
 
     def where(self, model: Model, sig: Signature) -> list[Expr]:
-        """The WHERE clause of *sig* (``IS NULL`` for a NULL filter, which ``=`` never matches)."""
+        """Build the WHERE clause of *sig* (``IS NULL`` for a NULL filter: ``=`` never matches)."""
         conds: list[Expr] = []
         for i, (name, is_null) in enumerate(sig[0]):
             col = model.columns[name]
@@ -126,10 +133,15 @@ class Writer:
 
         return self._cached(("update", model.name, sig), build)
 
+    def _insert(self, model: Model, sig: Signature) -> Any:
+        return sa.insert(model.table).values(self.insert_values(model, sig))
+
     def insert_values(self, model: Model, sig: Signature) -> dict[sa.Column[Any], Expr]:
         """Column values of a new row: the filters and each incoming value."""
         cols = model.columns
-        values = {cols[name]: self.bind("ub_f", i, cols[name]) for i, (name, _) in enumerate(sig[0])}
+        values = {
+            cols[name]: self.bind("ub_f", i, cols[name]) for i, (name, _) in enumerate(sig[0])
+        }
         for op, names in zip(("columns", "extra", "greatest", "least"), sig[1:], strict=True):
             for i, name in enumerate(names):
                 values[cols[name]] = self.bind(_PREFIX[op], i, cols[name])
@@ -151,10 +163,7 @@ class Writer:
         created: list[bool] = []
         for sig, run in runs(list(rows)):
             update = self.update_stmt(model, sig)
-            insert = self._cached(
-                ("insert", model.name, sig),
-                lambda sig=sig: sa.insert(model.table).values(self.insert_values(model, sig)),
-            )
+            insert = self._cached(("insert", model.name, sig), partial(self._insert, model, sig))
             for u in run:
                 params = _params(sig, u)
                 # Row by row, because only a single-row UPDATE says whether this row exists. A
@@ -191,7 +200,7 @@ class SQLiteWriter(Writer):
         created: list[bool] = []
         for sig, run in runs(list(rows)):
             created.extend(self._existing(conn, model, sig, run))
-            stmt = self._cached(("upsert", model.name, sig), lambda sig=sig: self._upsert(model, sig))
+            stmt = self._cached(("upsert", model.name, sig), partial(self._upsert, model, sig))
             conn.execute(stmt, [_params(sig, u) for u in run])
         return created
 
@@ -213,12 +222,12 @@ class SQLiteWriter(Writer):
         step = max(1, _SQLITE_MAX_PARAMS // (len(keys) + 1))
         for start in range(0, len(run), step):
             chunk = run[start : start + step]
-            v = sa.values(
+            values = sa.values(
                 sa.column("ub_n", sa.Integer),
                 *(sa.column(f"ub_k{i}", col.type) for i, col in enumerate(keys)),
                 name="ub_v",
             ).data([(start + n, *(u.filters[k] for k in names)) for n, u in enumerate(chunk)])
-            v = v.cte("ub_v")  # SQLite names VALUES columns only in a CTE, not "AS v(a, b)"
+            v = values.cte("ub_v")  # SQLite names VALUES columns only in a CTE, not "AS v(a, b)"
             on = sa.and_(*(col == v.c[f"ub_k{i}"] for i, col in enumerate(keys)))
             found.update(conn.execute(sa.select(v.c.ub_n).join_from(v, model.table, on)).scalars())
         return [n not in found for n in range(len(run))]
@@ -238,8 +247,10 @@ def _is_plain(col: sa.Column[Any]) -> bool:
 
 
 class PostgresWriter(Writer):
-    """PostgreSQL: one ``UPDATE ... FROM unnest(...)`` (or ``INSERT ... SELECT ... ON CONFLICT``)
-    statement per row shape of a model, with one array parameter per column.
+    """PostgreSQL: one set-based statement per model and row shape, one array per column.
+
+    Updates are ``UPDATE ... FROM unnest(...)``; upserts ``INSERT ... SELECT FROM unnest(...)
+    ON CONFLICT DO UPDATE``.
 
     ``GREATEST``/``LEAST`` already ignore NULL. Rows whose filters or values the fast form cannot
     carry faithfully (mixed Python types in one column, float/Decimal/datetime filters, array or
@@ -369,9 +380,7 @@ class PostgresWriter(Writer):
 
         return self._cached(("fast-upsert", model.name, sig, floats), build)
 
-    def _arrays_params(
-        self, sig: Signature, run: list[Update], floats: tuple[bool, ...]
-    ) -> Params:
+    def _arrays_params(self, sig: Signature, run: list[Update], floats: tuple[bool, ...]) -> Params:
         params: Params = {}
         for i, (name, is_null) in enumerate(sig[0]):
             if not is_null:
@@ -452,7 +461,7 @@ class PostgresWriter(Writer):
 
 
 def writer_for(dialect: Dialect) -> Writer:
-    """The writer for *dialect*: PostgreSQL and SQLite fast paths, generic otherwise."""
+    """Return the writer for *dialect*: PostgreSQL and SQLite fast paths, generic otherwise."""
     if dialect.name == "postgresql":
         return PostgresWriter(dialect)
     if dialect.name == "sqlite":

@@ -128,7 +128,7 @@ def _not_available_message() -> str:
 
 
 def _run_as() -> pwd.struct_passwd | None:
-    """The unprivileged account to run initdb/postgres as, or ``None`` to run as ourselves."""
+    """Return the unprivileged account to run initdb/postgres as (``None``: ourselves)."""
     if os.geteuid() != 0:
         return None
     for name in ("postgres", "nobody"):
@@ -234,20 +234,15 @@ class PostgresServer:
             if account is not None:
                 os.chown(self._dir, account.pw_uid, account.pw_gid)
             self._initdb(bindir, account)
-            for attempt in range(1, _START_ATTEMPTS + 1):
-                try:
-                    self._spawn(bindir, account)
-                    self._wait_ready()
-                except _PortTakenError:
-                    self._reap(kill=True)
-                    if attempt == _START_ATTEMPTS:
-                        raise PostgresStartupError(
-                            f"postgres could not bind a free port after {attempt} attempts\n"
-                            f"{self._log_tail()}"
-                        ) from None
-                    self.port = free_port()
-                else:
-                    break
+            attempt = 1
+            while not self._try_start(bindir, account):
+                if attempt == _START_ATTEMPTS:
+                    raise PostgresStartupError(
+                        f"postgres could not bind a free port after {attempt} attempts\n"
+                        f"{self._log_tail()}"
+                    )
+                attempt += 1
+                self.port = free_port()
         except BaseException:
             self.stop(fast=True)
             raise
@@ -283,11 +278,6 @@ class PostgresServer:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _preexec(self, account: pwd.struct_passwd | None) -> dict[str, object]:
-        if account is None:
-            return {}
-        return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
-
     def _env(self, account: pwd.struct_passwd | None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["LC_ALL"] = "C"
@@ -318,10 +308,14 @@ class PostgresServer:
                 text=True,
                 timeout=self.startup_timeout,
                 check=False,
-                **self._preexec(account),  # type: ignore[arg-type]  # user/group/extra_groups kwargs
+                user=None if account is None else account.pw_uid,
+                group=None if account is None else account.pw_gid,
+                extra_groups=None if account is None else [],
             )
         except subprocess.TimeoutExpired as exc:
-            raise PostgresStartupError(f"initdb timed out after {self.startup_timeout:g} s") from exc
+            raise PostgresStartupError(
+                f"initdb timed out after {self.startup_timeout:g} s"
+            ) from exc
         if done.returncode != 0:
             raise PostgresStartupError(
                 f"initdb exited with status {done.returncode}: {' '.join(cmd)}\n"
@@ -355,11 +349,23 @@ class PostgresServer:
                 cwd=self._dir,
                 env=self._env(account),
                 start_new_session=True,  # a Ctrl-C in the terminal must not shut it down early
-                **self._preexec(account),  # type: ignore[arg-type]  # user/group/extra_groups kwargs
+                user=None if account is None else account.pw_uid,
+                group=None if account is None else account.pw_gid,
+                extra_groups=None if account is None else [],
             )
         finally:
             log.close()
         self._log_offset = 0
+
+    def _try_start(self, bindir: str, account: pwd.struct_passwd | None) -> bool:
+        """Spawn the server and wait for it; return false if another process took the port."""
+        try:
+            self._spawn(bindir, account)
+            self._wait_ready()
+        except _PortTakenError:
+            self._reap(kill=True)
+            return False
+        return True
 
     def _read_log(self) -> str:
         try:
@@ -420,7 +426,8 @@ def skip_or_fail_without_postgres() -> None:
 
     A CI run that silently skipped every PostgreSQL test would look green while testing nothing.
     """
-    import pytest  # noqa: PLC0415 - only test code calls this; the module must not need pytest
+    # Imported here: only test code calls this, and the module must not need pytest.
+    import pytest
 
     if os.environ.get(TEST_URL_ENV) or find_pg_bindir() is not None:
         return
