@@ -9,12 +9,15 @@ import sys
 import threading
 import time
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import pytest
 import updatebuffer
-from ubsa_helpers import DB
 
 from updatebuffer_sqlalchemy import SQLAlchemyFlush, create_ledger
+
+if TYPE_CHECKING:
+    from ubsa_helpers import DB
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -10,14 +10,14 @@ import sqlalchemy as sa
 from updatebuffer import ConfigurationError, Update
 
 from updatebuffer_sqlalchemy._ledger import DEFAULT_LEDGER_TABLE, claim, ledger_table
-from updatebuffer_sqlalchemy._schema import check_update, resolve_tables, sort_rows, writes
+from updatebuffer_sqlalchemy._schema import Checker, resolve_tables, writes
 from updatebuffer_sqlalchemy._writers import writer_for
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
     from updatebuffer import Batch
 
-    from updatebuffer_sqlalchemy._schema import Model
+    from updatebuffer_sqlalchemy._schema import Model, Signature
 
 __all__ = ["OnFlushed", "SQLAlchemyFlush"]
 
@@ -105,6 +105,7 @@ class SQLAlchemyFlush:
         )
         self.on_flushed = on_flushed
         self._writer = writer_for(engine.dialect)
+        self._check = Checker(self.models, upsert=self.upsert)
 
     def __repr__(self) -> str:
         ledger = self.ledger.name if self.ledger is not None else None
@@ -123,11 +124,13 @@ class SQLAlchemyFlush:
         """
         # Check every row before opening the transaction: a bad row must not leave a half-written
         # batch, nor cost a round trip.
-        per_model: dict[str, list[Update]] = {}
+        per_model: dict[str, dict[Signature, list[Update]]] = {}
+        check = self._check
+        upsert = self.upsert
         for update in batch:
-            model = check_update(self.models, update, upsert=self.upsert)
-            if writes(update, upsert=self.upsert):
-                per_model.setdefault(model.name, []).append(update)
+            model, sig = check(update)
+            if writes(update, upsert=upsert):
+                per_model.setdefault(model.name, {}).setdefault(sig, []).append(update)
         created: dict[int, bool] = {}
         if per_model or self.ledger is not None:
             with self.engine.connect() as conn, conn.begin() as transaction:
@@ -139,21 +142,20 @@ class SQLAlchemyFlush:
                         batch.attempt,
                     )
                     return
-                for name in sorted(per_model):  # models in one order too, for the same reason
+                for name in sorted(per_model):  # models in one order, like rows
                     model = self.models[name]
-                    rows = sort_rows(per_model[name])
-                    if self.upsert:
-                        flags = self._writer.upsert(conn, model, rows)
-                        created.update((id(u), made) for u, made in zip(rows, flags, strict=True))
+                    groups = per_model[name]
+                    if upsert:
+                        created.update(self._writer.upsert(conn, model, groups))
                     else:
-                        missing = self._writer.update(conn, model, rows)
+                        missing = self._writer.update(conn, model, groups)
                         if missing:
                             log.warning(
                                 "batch %s: %d of %d %r rows matched no row and were not written "
                                 "(use upsert=True to create them)",
                                 batch.id,
                                 missing,
-                                len(rows),
+                                sum(map(len, groups.values())),
                                 name,
                             )
         if self.on_flushed is not None:
