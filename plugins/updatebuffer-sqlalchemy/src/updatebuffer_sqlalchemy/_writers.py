@@ -226,9 +226,9 @@ class SQLiteWriter(Writer):
         stmt = sqlite.insert(model.table).values(self.insert_values(model, sig))
         keys = [model.columns[name] for name, _ in sig[0]]
         excluded = stmt.excluded
-        values = self.set_clause(model, sig, lambda _p, _i, col: excluded[col.name])
+        values = self.set_clause(model, sig, lambda _p, _i, col: excluded[col.key])
         if not values:  # nothing to write: DO UPDATE needs a SET, make it a no-op
-            values = {keys[0]: excluded[keys[0].name]}
+            values = {keys[0]: excluded[keys[0].key]}
         return stmt.on_conflict_do_update(index_elements=keys, set_=values)
 
     def _existing(
@@ -553,9 +553,9 @@ class PostgresWriter(Writer):
             stmt = postgresql.insert(model.table).values(self.insert_values(model, sig))
             keys = [model.columns[name] for name, _ in sig[0]]
             excluded = stmt.excluded
-            values = self.set_clause(model, sig, lambda _p, _i, col: excluded[col.name])
+            values = self.set_clause(model, sig, lambda _p, _i, col: excluded[col.key])
             if not values:
-                values = {keys[0]: excluded[keys[0].name]}
+                values = {keys[0]: excluded[keys[0].key]}
             return stmt.on_conflict_do_update(index_elements=keys, set_=values).returning(
                 sa.literal_column("(xmax = 0)", sa.Boolean)
             )
