@@ -21,7 +21,7 @@ import sys
 
 from updatebuffer._retry import DeadLetter
 from updatebuffer._types import Number, Value
-from updatebuffer.buffer import Buffer
+from updatebuffer.buffer import Buffer, DeadLetterStore
 from updatebuffer.errors import (
     BackendError,
     BackendNotFoundError,
@@ -63,6 +63,7 @@ __all__ = [
     "ConfigurationError",
     "Crc32Router",
     "DeadLetter",
+    "DeadLetterStore",
     "FlushCallback",
     "Flusher",
     "InvalidUpdateError",

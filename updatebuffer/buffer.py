@@ -10,10 +10,11 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from types import TracebackType
 
+    from updatebuffer._retry import DeadLetter
     from updatebuffer._types import Number, Value
     from updatebuffer.update import BufferStats, Update
 
-__all__ = ["Buffer"]
+__all__ = ["Buffer", "DeadLetterStore"]
 
 
 @runtime_checkable
@@ -76,3 +77,20 @@ class Buffer(Protocol):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+
+@runtime_checkable
+class DeadLetterStore(Protocol):
+    """A buffer that keeps rows failing alone ``max_attempts`` times (memory, Redis)."""
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Return the dead-lettered rows, oldest first."""
+        ...
+
+    def replay_dead_letters(self) -> int:
+        """Put every dead letter back among the pending rows; return how many."""
+        ...
+
+    def purge_dead_letters(self) -> int:
+        """Delete every dead letter; return how many."""
+        ...

@@ -10,18 +10,34 @@ Commands:
     writing every update (``direct://``) and once through the memory buffer (``memory://``) with a
     background :class:`~updatebuffer.Flusher`, then compare the row writes, the wall time and the
     final table contents.
+
+``worker URL --flush pkg.module:function``
+    A long-running flusher process for a shared (Redis) buffer; SIGTERM/SIGINT finish the batch
+    in hand and exit 0.
+
+``stats URL`` and ``dead list|replay|purge URL``
+    Inspect the backlog and the dead letters of a shared buffer.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
+import decimal
+import importlib
+import json
+import logging
 import math
+import os
 import random
+import signal
 import sqlite3
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
@@ -36,6 +52,8 @@ if TYPE_CHECKING:
 __all__ = ["GroupsWriter", "main"]
 
 _Handler = Callable[[argparse.Namespace], int]
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,6 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`updatebuffer stats URL | head`): not an error of ours. Point
+        # stdout at devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -497,6 +520,199 @@ def _print_summary(results: Sequence[_PhaseResult]) -> None:
         )
 
 
+# -- worker, stats, dead ---------------------------------------------------------------------
+
+
+def _load_flush(spec: str) -> updatebuffer.FlushCallback:
+    """Import ``pkg.module:function`` (the current directory is importable, as with ``-m``)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise argparse.ArgumentTypeError(f"expected pkg.module:function, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot import {spec!r}: {exc}") from None
+    if not callable(target):
+        raise argparse.ArgumentTypeError(f"{spec!r} is not callable")
+    flush: updatebuffer.FlushCallback = target
+    return flush
+
+
+def _refuse_flush(batch: updatebuffer.Batch) -> None:
+    # Commands that only inspect a buffer never flush; raising keeps the batch in the backend.
+    raise RuntimeError("this command does not flush batches")
+
+
+def _open(url: str, flush: updatebuffer.FlushCallback) -> updatebuffer.Buffer:
+    return updatebuffer.from_url(url, flush=flush)
+
+
+def _add_worker(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "worker",
+        help="flush a shared buffer (Redis) until stopped",
+        description="Call process_pending() in a loop, handing due batches to the flush "
+        "function. SIGTERM or SIGINT finishes the batch in hand, then exits with status 0. "
+        "Run as many workers as you like against one Redis: each batch goes to one of them.",
+    )
+    parser.add_argument("url", help="buffer URL, e.g. redis://127.0.0.1:6379/0?delay=5")
+    parser.add_argument(
+        "--flush",
+        required=True,
+        type=_load_flush,
+        metavar="MODULE:FUNCTION",
+        help="the flush callback, e.g. myapp.buffers:flush (imported from the current "
+        "directory too)",
+    )
+    parser.add_argument(
+        "--interval",
+        type=_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="sleep when nothing was due (default: %(default)s)",
+    )
+    parser.set_defaults(handler=_run_worker)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        log.info("signal %d: finishing the batch in hand, then exiting", signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        buf = _open(args.url, args.flush)
+    except updatebuffer.UpdateBufferError as exc:
+        print(f"updatebuffer worker: {exc}", file=sys.stderr)
+        return 2
+    print(f"updatebuffer worker: flushing {buf!r}; SIGTERM/SIGINT to stop", flush=True)
+    flushed = 0
+    try:
+        while not stop.is_set():
+            try:
+                # One batch per call, so a stop request is honoured after the batch in hand.
+                rows = buf.process_pending(max_batches=1)  # type: ignore[call-arg]  # shared backends take it
+            except updatebuffer.BackendError as exc:
+                log.error("backend error, retrying in %.1fs: %s", args.interval, exc)
+                rows = 0
+            flushed += rows
+            if rows == 0:
+                stop.wait(args.interval)
+    finally:
+        buf.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(f"updatebuffer worker: stopped after flushing {flushed:,} rows", flush=True)
+    return 0
+
+
+def _add_stats(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "stats",
+        help="print a buffer's backlog and totals",
+        description="Print pending rows (per partition), the oldest pending age, in-flight and "
+        "dead-lettered batches and lifetime totals of a shared buffer.",
+    )
+    parser.add_argument("url", help="buffer URL, e.g. redis://127.0.0.1:6379/0")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(handler=_run_stats)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    try:
+        with _open(args.url, _refuse_flush) as buf:
+            stats = buf.stats()
+    except updatebuffer.UpdateBufferError as exc:
+        print(f"updatebuffer stats: {exc}", file=sys.stderr)
+        return 1
+    data = dataclasses.asdict(stats)
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    partitions = data.pop("pending_by_partition")
+    width = max(len(name) for name in data)
+    for name, value in data.items():
+        shown = (
+            "-" if value is None else f"{value:,.3f}" if isinstance(value, float) else f"{value:,}"
+        )
+        print(f"{name.ljust(width)}  {shown}")
+    busy = {name: n for name, n in partitions.items() if n}
+    if busy:
+        print("pending by partition: " + ", ".join(f"{k}={v:,}" for k, v in busy.items()))
+    return 0
+
+
+def _add_dead(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "dead",
+        help="list, replay or purge dead letters",
+        description="Dead letters are rows whose flush failed alone max_attempts times. 'list' "
+        "shows them, 'replay' puts them back among the pending rows (after you fixed the cause), "
+        "'purge' deletes them.",
+    )
+    parser.add_argument("action", choices=("list", "replay", "purge"))
+    parser.add_argument("url", help="buffer URL, e.g. redis://127.0.0.1:6379/0")
+    parser.add_argument("--json", action="store_true", help="'list' prints JSON")
+    parser.set_defaults(handler=_run_dead)
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, bytes):
+        return {"bytes_hex": value.hex()}
+    if isinstance(value, (datetime.date, decimal.Decimal, uuid.UUID)):
+        return str(value)
+    return value
+
+
+def _run_dead(args: argparse.Namespace) -> int:
+    try:
+        with _open(args.url, _refuse_flush) as buf:
+            if not isinstance(buf, updatebuffer.DeadLetterStore):
+                print(f"updatebuffer dead: {buf!r} keeps no dead letters", file=sys.stderr)
+                return 2
+            if args.action == "replay":
+                print(f"replayed {buf.replay_dead_letters():,} dead letters")
+            elif args.action == "purge":
+                print(f"purged {buf.purge_dead_letters():,} dead letters")
+            else:
+                letters = buf.dead_letters()
+                rows = [
+                    {
+                        "batch_id": letter.batch_id,
+                        "attempts": letter.attempts,
+                        "error": letter.error,
+                        "failed_at": letter.failed_at,
+                        "model": letter.update.model,
+                        "filters": {k: _json_value(v) for k, v in letter.update.filters.items()},
+                        "columns": dict(letter.update.columns),
+                    }
+                    for letter in letters
+                ]
+                if args.json:
+                    print(json.dumps(rows, indent=2, default=str))
+                else:
+                    for row in rows:
+                        print(
+                            f"{row['batch_id']}  {row['model']} {row['filters']}  "
+                            f"columns={row['columns']}  attempts={row['attempts']}  "
+                            f"error={row['error']}"
+                        )
+                    print(f"{len(rows):,} dead letters")
+    except updatebuffer.UpdateBufferError as exc:
+        print(f"updatebuffer dead: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 _COMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_demo,
+    _add_worker,
+    _add_stats,
+    _add_dead,
 )

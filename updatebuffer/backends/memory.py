@@ -233,6 +233,8 @@ class MemoryBuffer:
         self._busy: dict[Hashable, str] = {}
         self._dead: list[DeadLetter] = []
         self._closed = False
+        # Updates accepted that are no longer in a pending row; stats() adds the pending rows'
+        # counts, which keeps a counter update off the incr fast path.
         self._accepted = 0
         self._flushed = 0
         self._failures = 0
@@ -303,8 +305,11 @@ class MemoryBuffer:
             and type(model) is str
             and model
         ):
-            [(column, delta)] = columns.items()
-            [(name, value)] = filters.items()
+            # `k, = d` then `d[k]` is measurably cheaper than unpacking `d.items()`.
+            (column,) = columns
+            delta = columns[column]
+            (name,) = filters
+            value = filters[name]
             tag = _FAST_TAGS.get(type(value))
             if (
                 tag is not None
@@ -324,9 +329,8 @@ class MemoryBuffer:
                         if type(total) is not int or INT64_MIN <= total <= INT64_MAX:
                             held[column] = total
                             row.count += 1
-                            if not signal_only:
+                            if not signal_only and row.signal_only:
                                 row.signal_only = False
-                            self._accepted += 1
                             return
         self._incr(model, columns, filters, extra, greatest, least, signal_only)
 
@@ -362,7 +366,6 @@ class MemoryBuffer:
                 row = self._pending.get(key)
                 if row is not None:
                     _merge_into(row, cols, ext, most, fewest, signal_only)
-                    self._accepted += 1
                     return
                 if len(self._pending) < self.max_rows:
                     self._pending[key] = _Row(
@@ -375,7 +378,6 @@ class MemoryBuffer:
                         signal_only,
                         time.time(),
                     )
-                    self._accepted += 1
                     return
                 if self.overflow == "raise":
                     raise BufferFullError(
@@ -399,15 +401,17 @@ class MemoryBuffer:
 
     # -- flushing --------------------------------------------------------------------------
 
-    def process_pending(self) -> int:
+    def process_pending(self, *, max_batches: int | None = None) -> int:
         """Flush rows whose delay has elapsed and failed batches whose backoff has elapsed.
 
         Rows first buffered after this call started wait for the next call, so a steady stream
         of updates cannot keep it busy forever.
 
+        :param max_batches: deliver at most this many batches (a worker that must stop soon
+            calls it with 1); ``None`` delivers everything due.
         :return: rows whose flush callback returned.
         """
-        return self._run(drain=False)
+        return self._run(drain=False, max_batches=max_batches)
 
     def drain(self) -> int:
         """Flush every pending row and retry every failed batch once, ignoring delay and backoff.
@@ -416,12 +420,12 @@ class MemoryBuffer:
         """
         return self._run(drain=True)
 
-    def _run(self, *, drain: bool) -> int:
+    def _run(self, *, drain: bool, max_batches: int | None = None) -> int:
         start = time.time()
         cutoff = start if drain else start - self.delay
         tried: set[str] = set()
         flushed = 0
-        while True:
+        while max_batches is None or len(tried) < max_batches:
             with self._lock:
                 flight = self._claim_retry(time.time(), drain, tried)
                 if flight is None:
@@ -430,6 +434,7 @@ class MemoryBuffer:
                 return flushed
             tried.add(flight.id)
             flushed += self._deliver(flight)
+        return flushed
 
     def _claim_retry(self, now: float, drain: bool, tried: set[str]) -> _Flight | None:
         chosen: _Flight | None = None
@@ -461,6 +466,7 @@ class MemoryBuffer:
         flight = _Flight(
             uuid.uuid4().hex, tuple(keys), tuple(self._pending.pop(k).freeze() for k in keys)
         )
+        self._accepted += sum(u.count for u in flight.updates)
         for key in keys:
             self._busy[key] = flight.id
         self._flights[flight.id] = flight
@@ -566,7 +572,7 @@ class MemoryBuffer:
                 in_flight_batches=len(self._flights),
                 in_flight_rows=sum(len(f.updates) for f in self._flights.values()),
                 dead_letters=len(self._dead),
-                updates_accepted=self._accepted,
+                updates_accepted=self._accepted + sum(r.count for r in self._pending.values()),
                 rows_flushed=self._flushed,
                 callback_failures=self._failures,
                 retries=self._retries,
@@ -594,6 +600,8 @@ class MemoryBuffer:
                 newer = self._pending.pop(key, None)
                 merged = update if newer is None else merge_updates(update, newer.freeze())
                 self._pending[key] = _row_from_update(merged)
+                # Its updates were counted when it left the pending rows; they are pending again.
+                self._accepted -= update.count
             return len(dead)
 
     def purge_dead_letters(self) -> int:

@@ -60,7 +60,9 @@ try:
     import redis
     import redis.cluster
     import redis.exceptions
+    from redis.backoff import NoBackoff
     from redis.crc import key_slot
+    from redis.retry import Retry
 except ImportError as exc:  # pragma: no cover - exercised by the registry tests in a subprocess
     raise MissingDependencyError("redis", "redis", f"import redis failed: {exc}") from exc
 
@@ -484,8 +486,17 @@ class RedisBuffer:
             except ValueError as exc:
                 raise ConfigurationError(f"invalid hosts: {exc}", option="hosts") from None
             timeout = opts["socket_timeout"]
+            # No automatic retries (as from_url's clients): a retried incr script that already
+            # ran would be applied twice, and retries stretch a timeout to ~10 s.
             clients: list[AnyRedis] = [
-                redis.Redis(**{"socket_timeout": timeout, "socket_connect_timeout": timeout, **cfg})
+                redis.Redis(
+                    **{
+                        "socket_timeout": timeout,
+                        "socket_connect_timeout": timeout,
+                        "retry": Retry(NoBackoff(), 0),
+                        **cfg,
+                    }
+                )
                 for cfg in configs
             ]
             owned = True
@@ -755,15 +766,17 @@ class RedisBuffer:
 
     # -- flushing ----------------------------------------------------------------------------
 
-    def process_pending(self) -> int:
+    def process_pending(self, *, max_batches: int | None = None) -> int:
         """Flush due rows and due redeliveries on every node and partition, fairly.
 
         Rows first buffered after this call started wait for the next call.
 
+        :param max_batches: deliver at most this many batches (a worker that must stop soon
+            calls it with 1); ``None`` delivers everything due.
         :return: rows whose flush callback returned.
         :raises BackendError: Redis failed; claimed batches are redelivered after their lease.
         """
-        return self._run(drain=False)
+        return self._run(drain=False, max_batches=max_batches)
 
     def drain(self) -> int:
         """Flush everything now: the local window, every pending row, every failed batch once.
@@ -783,7 +796,7 @@ class RedisBuffer:
             seconds, micros = client.time()
         return int(seconds) * 1000 + int(micros) // 1000
 
-    def _run(self, *, drain: bool) -> int:
+    def _run(self, *, drain: bool, max_batches: int | None = None) -> int:
         delay_ms = 0 if drain else int(self.delay * 1000)
         with self._errors("reading the server clock"):
             cutoffs = [self._server_ms(c) - delay_ms for c in self._clients]
@@ -791,17 +804,20 @@ class RedisBuffer:
         self._rotation = (self._rotation + 1) % len(order)
         order = order[self._rotation :] + order[: self._rotation]
         failed: set[str] = set()
-        flushed = 0
+        flushed = batches = 0
         busy = True
         while busy:
             busy = False
             for part in order:
+                if max_batches is not None and batches >= max_batches:
+                    return flushed
                 # One batch per partition per pass: a hot partition cannot starve the others.
                 got = self._redeliver(part, drain, failed)
                 if got is None:
                     got = self._claim(part, cutoffs[part.node])
                 if got is not None:
                     busy = True
+                    batches += 1
                     flushed += self._deliver(part, *got, failed)
         return flushed
 
