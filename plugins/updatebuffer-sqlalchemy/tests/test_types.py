@@ -131,3 +131,18 @@ def test_mixed_int_and_float_deltas_in_one_column(db: DB) -> None:
     with db.engine.connect() as conn:
         got = dict(conn.execute(sa.select(table.c.id, table.c.ratio)).all())
     assert got == {0: 1.25, 1: 2.0, 2: 1.25, 3: 2.0}
+
+
+@pytest.mark.postgresql
+def test_too_long_string_is_an_error_not_truncated(pg_db: DB) -> None:
+    table = make_table(pg_db)
+    long = "c" * 30  # code is VARCHAR(20)
+    pg_db.insert(table, {"id": 1, "code": long[:20], "weird": 0})
+    flush = SQLAlchemyFlush(pg_db.engine, {"items": table}, ledger=False)
+    # As a filter it must not match the row holding its first 20 characters...
+    flush(batch(up("items", {"code": long}, columns={"weird": 1})))
+    # ...and as a value it must fail like any other write, not be cut short.
+    with pytest.raises(sa.exc.DataError, match="too long"):
+        flush(batch(up("items", {"id": 1}, extra={"code": long})))
+    with pg_db.engine.connect() as conn:
+        assert conn.execute(sa.select(table.c.code, table.c.weird)).one() == (long[:20], 0)

@@ -290,6 +290,19 @@ def _literal_kind(kind: sa.types.TypeEngine[Any]) -> str | None:
     return None
 
 
+def _cast_type(kind: sa.types.TypeEngine[Any]) -> sa.types.TypeEngine[Any]:
+    """Return the array element type to cast to: strings as TEXT.
+
+    An explicit cast to ``VARCHAR(n)`` or ``CHAR(n)`` silently truncates; casting to TEXT leaves
+    the length check to the assignment (an error, as with any other write) and the comparison of
+    a filter to the column's own rules.
+    """
+    impl = kind.impl_instance if isinstance(kind, sa.TypeDecorator) else kind
+    if isinstance(impl, sa.String) and not isinstance(impl, sa.Enum):
+        return sa.Text()
+    return kind
+
+
 def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -395,7 +408,7 @@ class PostgresWriter(Writer):
             literal = _array_literal(values, _literal_kind(kind))
             flags.append(literal is not None)
             params[name] = literal if literal is not None else values
-            args.append(f"CAST(:{name} AS {compile_type(kind)}[])")
+            args.append(f"CAST(:{name} AS {compile_type(_cast_type(kind))}[])")
             aliases.append(name)
             # A literal is sent untyped, so the server parses it straight into the array type.
             binds.append(
