@@ -12,12 +12,16 @@ import os
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 import updatebuffer
-from updatebuffer import Batch
+from updatebuffer import Update
 
 from updatebuffer_sqlalchemy import SQLAlchemyFlush
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 def main() -> None:
@@ -26,14 +30,15 @@ def main() -> None:
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
     engine = sa.create_engine(pg_url)
     groups = sa.Table("groups", sa.MetaData(), autoload_with=engine)  # reflected: PK included
-    inner = SQLAlchemyFlush(engine, {"groups": groups}, upsert=True)
 
-    def flush(batch: Batch) -> None:
-        inner(batch)  # returns after COMMIT
-        print(f"committed {batch.id} attempt={batch.attempt}", file=sys.stderr, flush=True)
+    def committed(updates: Sequence[Update], created: Sequence[bool]) -> None:
+        # on_flushed runs after COMMIT and only for a batch really written (not one the ledger
+        # skipped): dying here is "after the commit, before the buffer's ack".
+        print(f"committed {len(updates)} rows", file=sys.stderr, flush=True)
         if mode == "die":
-            os.kill(os.getpid(), signal.SIGKILL)  # after commit, before the buffer's ack
+            os.kill(os.getpid(), signal.SIGKILL)
 
+    flush = SQLAlchemyFlush(engine, {"groups": groups}, upsert=True, on_flushed=committed)
     buf = updatebuffer.from_url(redis_url, flush=flush)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
