@@ -335,6 +335,83 @@ def _check_hosts(hosts: object) -> list[dict[str, Any]]:
     return configs
 
 
+# Connection settings copied from an injected cluster client to our own (not host/port/db/retry:
+# the node is given explicitly, clusters have no db, and retries are what we turn off).
+_CLUSTER_SETTINGS = frozenset(
+    {
+        "client_name",
+        "credential_provider",
+        "decode_responses",
+        "encoding",
+        "encoding_errors",
+        "max_connections",
+        "password",
+        "protocol",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "socket_keepalive_options",
+        "socket_timeout",
+        "username",
+    }
+    | {k for k in redis.cluster.REDIS_ALLOWED_KEYS if k.startswith("ssl_")}
+)
+
+
+def _no_retry() -> Retry:
+    """Return a redis-py retry policy that never retries.
+
+    redis-py retries a command after a timeout or a dropped connection. For our scripts that is
+    wrong: an ``incr`` whose reply was lost has usually run, and running it again counts it twice
+    while reporting success. The caller gets :class:`BackendError` instead and decides.
+    """
+    return Retry(NoBackoff(), 0)
+
+
+def _without_retries(clients: list[AnyRedis]) -> list[AnyRedis]:
+    """Return retry-free clients with the injected clients' connection settings.
+
+    The injected clients stay untouched (the host may want retries for its own commands); ours
+    use a private pool built from the same connection settings, closed by ``close()``.
+    """
+    out: list[AnyRedis] = []
+    for c in clients:
+        if isinstance(c, redis.cluster.RedisCluster):
+            # A cluster client cannot be cloned reliably (slot cache, startup nodes): build one
+            # from its default node, with the injected client's connection settings.
+            node = c.get_default_node() or c.get_nodes()[0]  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            pool = node.redis_connection.connection_pool
+            kwargs = {k: v for k, v in pool.connection_kwargs.items() if k in _CLUSTER_SETTINGS}
+            if issubclass(pool.connection_class, redis.SSLConnection):
+                kwargs["ssl"] = True
+            out.append(
+                redis.cluster.RedisCluster(
+                    host=node.host, port=node.port, retry=_no_retry(), **kwargs
+                )
+            )
+            continue
+        pool = c.connection_pool
+        if type(pool) is not redis.ConnectionPool:
+            # Sentinel and other managed pools cannot be cloned; use the client as it is.
+            log.warning(
+                "cannot disable redis-py retries on an injected %s; a retried incr may count "
+                "twice after a timeout",
+                type(pool).__name__,
+            )
+            out.append(c)
+            continue
+        kwargs = {**pool.connection_kwargs, "retry": _no_retry()}
+        out.append(
+            redis.Redis(
+                connection_pool=redis.ConnectionPool(
+                    connection_class=pool.connection_class,
+                    max_connections=pool.max_connections,
+                    **kwargs,
+                )
+            )
+        )
+    return out
+
+
 def _validated_hosts(hosts: object) -> object:
     _check_hosts(hosts)
     return hosts
@@ -376,8 +453,10 @@ class RedisBuffer:
 
     :param flush: the host's flush callback.
     :param client: a ``redis.Redis``, a ``redis.cluster.RedisCluster``, or a sequence of
-        ``redis.Redis`` (independent nodes, sharded by *router*). Injected clients are not
-        closed by :meth:`close`. Clients must not use ``decode_responses=True``.
+        ``redis.Redis`` (independent nodes, sharded by *router*). Injected clients are used
+        for their connection settings only: the buffer talks through its own retry-free pool
+        (a retried script could count an update twice) and never closes them. Clients must not
+        use ``decode_responses=True``.
     :param hosts: Sentry-style ``{0: {"host": ..., "port": ...}, 1: {...}}`` instead of *client*.
     :param router: partition router for several nodes: ``"crc32"`` (default), ``"ketama"`` or a
         :class:`PartitionRouter` instance.
@@ -486,14 +565,13 @@ class RedisBuffer:
             except ValueError as exc:
                 raise ConfigurationError(f"invalid hosts: {exc}", option="hosts") from None
             timeout = opts["socket_timeout"]
-            # No automatic retries (as from_url's clients): a retried incr script that already
-            # ran would be applied twice, and retries stretch a timeout to ~10 s.
+            # No automatic retries (see _no_retry).
             clients: list[AnyRedis] = [
                 redis.Redis(
                     **{
                         "socket_timeout": timeout,
                         "socket_connect_timeout": timeout,
-                        "retry": Retry(NoBackoff(), 0),
+                        "retry": _no_retry(),
                         **cfg,
                     }
                 )
@@ -520,6 +598,8 @@ class RedisBuffer:
                 raise ConfigurationError(
                     "the redis client must not use decode_responses=True: rows hold bytes"
                 )
+        if client is not None and not _owned:
+            clients, owned = _without_retries(clients), True
         self._clients = clients
         self._owned = owned
         self.cluster = isinstance(clients[0], redis.cluster.RedisCluster)
@@ -582,7 +662,11 @@ class RedisBuffer:
                 f"{mask_url(url)}: give the server once (URL host, hosts= or client=)"
             )
         timeout = opts["socket_timeout"]
-        conn: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        conn: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": _no_retry(),
+        }
         plain = urlunsplit(
             (
                 scheme.replace("+cluster", "").replace("redis+unix", "unix"),
@@ -841,6 +925,13 @@ class RedisBuffer:
                 return None
             kind = reply[0]
             if kind == b"batch":
+                if int(reply[2]) > self.max_attempts:
+                    log.error(
+                        "batch %s is delivered for the %d. time: its lease expired before, so it "
+                        "may have been applied and is never split; is a worker crashing on it?",
+                        reply[1].decode(),
+                        int(reply[2]),
+                    )
                 return reply[1].decode(), int(reply[2]), reply[3]
             if kind == b"dead":
                 log.error(

@@ -37,7 +37,13 @@ end
 local n = tonumber(redis.call('HGET', bkey, 'n'))
 local members = split_lines(redis.call('HGET', bkey, 'members'))
 redis.call('ZREM', from, id)
-if attempt >= max_attempts then
+-- A batch whose lease expired may have been applied by its worker (killed after the commit,
+-- before the ack). Splitting it would give its rows new batch ids that a host's ledger cannot
+-- recognise, so such a batch is only ever redelivered unchanged, with its id, never split or
+-- dead-lettered; the client logs it once it exceeds max_attempts.
+if from == leases then redis.call('HSET', bkey, 'expired', 1) end
+local maybe_applied = redis.call('HEXISTS', bkey, 'expired') == 1
+if attempt >= max_attempts and not maybe_applied then
   if n == 1 then
     -- Failed alone max_attempts times: keep it as a dead letter until replayed or purged.
     redis.call('ZADD', dead, now, id)
