@@ -7,7 +7,7 @@ import decimal
 import math
 import uuid
 from collections.abc import Hashable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from updatebuffer.codec import check_value, decode_value, encode_value, type_name
 from updatebuffer.errors import InvalidUpdateError
@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 __all__ = [
     "INT64_MAX",
     "INT64_MIN",
+    "Operations",
     "check_columns",
+    "check_operations",
     "check_ordered",
     "check_sum",
     "check_values",
@@ -224,3 +226,34 @@ def require_filters(filters: object) -> None:
             expected="non-empty Mapping[str, Value]",
             got=got,
         )
+
+
+class Operations(NamedTuple):
+    """The checked per-column operations of one ``incr`` (fresh dicts the caller may keep)."""
+
+    columns: dict[str, Number]
+    extra: dict[str, Value]
+    greatest: dict[str, Value]
+    least: dict[str, Value]
+    signal_only: bool
+
+
+def check_operations(
+    columns: object, extra: object, greatest: object, least: object, signal_only: object
+) -> Operations:
+    """Check everything of an ``incr`` except the row identity, as every backend must.
+
+    :raises InvalidUpdateError: naming the field and the type.
+    """
+    if signal_only is not True and signal_only is not False:
+        got = type_name(signal_only)
+        raise InvalidUpdateError(
+            f"signal_only must be a bool, got {got}", field="signal_only", expected="bool", got=got
+        )
+    return Operations(
+        check_columns(columns),
+        check_values(extra, "extra") if extra else {},
+        check_ordered(greatest, "greatest") if greatest else {},
+        check_ordered(least, "least") if least else {},
+        signal_only,
+    )

@@ -94,3 +94,22 @@ class DeadLetterStore(Protocol):
     def purge_dead_letters(self) -> int:
         """Delete every dead letter; return how many."""
         ...
+
+
+class _Closeable:
+    """Mixin for the built-in backends: ``with buffer:`` closes the buffer on exit."""
+
+    def close(self) -> None:
+        """Release resources; idempotent."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

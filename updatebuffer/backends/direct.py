@@ -15,26 +15,24 @@ from urllib.parse import urlsplit
 from typing_extensions import Self
 
 from updatebuffer._validate import (
-    check_columns,
-    check_ordered,
-    check_values,
+    check_operations,
     require_filters,
     row_identity,
 )
+from updatebuffer.buffer import _Closeable
 from updatebuffer.config import Option, mask_url, parse_options
-from updatebuffer.errors import ConfigurationError, InvalidUpdateError, UpdateBufferError
+from updatebuffer.errors import ConfigurationError, UpdateBufferError
 from updatebuffer.update import Batch, BufferStats, FlushCallback, Update
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
-    from types import TracebackType
 
     from updatebuffer._types import Number, Value
 
 __all__ = ["DirectBuffer"]
 
 
-class DirectBuffer:
+class DirectBuffer(_Closeable):
     """Call the flush callback inside ``incr`` with a one-row batch.
 
     A callback error propagates to the ``incr`` caller unchanged (the same exception object) and
@@ -100,21 +98,15 @@ class DirectBuffer:
         if not filters:
             require_filters(filters)
         row_identity(model, filters)
-        if not isinstance(signal_only, bool):
-            raise InvalidUpdateError(
-                f"signal_only must be a bool, got {type(signal_only).__qualname__}",
-                field="signal_only",
-                expected="bool",
-                got=type(signal_only).__qualname__,
-            )
+        ops = check_operations(columns, extra, greatest, least, signal_only)
         update = Update(
             model=model,
             filters=dict(filters),  # type: ignore[arg-type]  # checked by row_identity
-            columns=check_columns(columns),
-            extra=check_values(extra, "extra"),
-            greatest=check_ordered(greatest, "greatest"),
-            least=check_ordered(least, "least"),
-            signal_only=signal_only,
+            columns=ops.columns,
+            extra=ops.extra,
+            greatest=ops.greatest,
+            least=ops.least,
+            signal_only=ops.signal_only,
             count=1,
             first_buffered=time.time(),
         )
@@ -164,14 +156,3 @@ class DirectBuffer:
     def close(self) -> None:
         """Stop accepting updates; idempotent."""
         self._closed = True
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

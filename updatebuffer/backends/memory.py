@@ -24,14 +24,13 @@ from updatebuffer._validate import (
     _FAST_TAGS,
     INT64_MAX,
     INT64_MIN,
-    check_columns,
-    check_ordered,
+    check_operations,
     check_sum,
-    check_values,
     ordered_pick,
     require_filters,
     row_identity,
 )
+from updatebuffer.buffer import _Closeable
 from updatebuffer.config import (
     Option,
     boolean,
@@ -44,14 +43,12 @@ from updatebuffer.config import (
 from updatebuffer.errors import (
     BufferFullError,
     ConfigurationError,
-    InvalidUpdateError,
     UpdateBufferError,
 )
 from updatebuffer.update import Batch, BufferStats, FlushCallback, Update, merge_updates
 
 if TYPE_CHECKING:
     from collections.abc import Hashable, Mapping
-    from types import TracebackType
 
     from updatebuffer._types import Number, Value
 
@@ -140,7 +137,7 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class MemoryBuffer:
+class MemoryBuffer(_Closeable):
     """Buffer pending rows in this process's memory.
 
     URL forms: ``memory://`` with options in the query, e.g. ``memory://?delay=1&batch_size=200``.
@@ -347,17 +344,9 @@ class MemoryBuffer:
         if not filters:
             require_filters(filters)
         key = row_identity(model, filters)
-        cols = check_columns(columns)
-        ext = check_values(extra, "extra") if extra else {}
-        most = check_ordered(greatest, "greatest") if greatest else {}
-        fewest = check_ordered(least, "least") if least else {}
-        if signal_only is not True and signal_only is not False:
-            raise InvalidUpdateError(
-                f"signal_only must be a bool, got {type(signal_only).__qualname__}",
-                field="signal_only",
-                expected="bool",
-                got=type(signal_only).__qualname__,
-            )
+        cols, ext, most, fewest, signal_only = check_operations(
+            columns, extra, greatest, least, signal_only
+        )
         deadline: float | None = None
         while True:
             with self._lock:
@@ -635,17 +624,6 @@ class MemoryBuffer:
                 left.in_flight_rows,
                 left.dead_letters,
             )
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _merge_into(

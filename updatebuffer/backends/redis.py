@@ -41,7 +41,8 @@ from urllib.parse import urlsplit, urlunsplit
 from typing_extensions import Self
 
 from updatebuffer._retry import DeadLetter, backoff_delay
-from updatebuffer._validate import check_columns, check_ordered, check_values, require_filters
+from updatebuffer._validate import check_operations, require_filters
+from updatebuffer.buffer import _Closeable
 from updatebuffer.codec import decode_value, encode_value, type_name
 from updatebuffer.config import Option, boolean, count, duration, mask_url, parse_options, text
 from updatebuffer.errors import (
@@ -67,8 +68,6 @@ except ImportError as exc:  # pragma: no cover - exercised by the registry tests
     raise MissingDependencyError("redis", "redis", f"import redis failed: {exc}") from exc
 
 if TYPE_CHECKING:
-    from types import TracebackType
-
     from redis.commands.core import Script
 
     from updatebuffer._types import Number, Value
@@ -429,7 +428,7 @@ def _check_router(value: object) -> object:
     raise ValueError("router must be a router name ('crc32', 'ketama') or a PartitionRouter")
 
 
-class RedisBuffer:
+class RedisBuffer(_Closeable):
     """Buffer rows in Redis: durable, shared by every process, at-least-once delivery.
 
     URL forms::
@@ -755,23 +754,9 @@ class RedisBuffer:
         if not filters:
             require_filters(filters)
         canonical = encode_row(model, filters)  # type: ignore[arg-type]  # None refused above
-        if signal_only is not True and signal_only is not False:
-            raise InvalidUpdateError(
-                f"signal_only must be a bool, got {type_name(signal_only)}",
-                field="signal_only",
-                expected="bool",
-                got=type_name(signal_only),
-            )
+        ops = check_operations(columns, extra, greatest, least, signal_only)
         args = _update_args(
-            "",
-            canonical,
-            signal_only,
-            1,
-            0,
-            check_columns(columns),
-            check_values(extra, "extra") if extra else {},
-            check_ordered(greatest, "greatest") if greatest else {},
-            check_ordered(least, "least") if least else {},
+            "", canonical, ops.signal_only, 1, 0, ops.columns, ops.extra, ops.greatest, ops.least
         )
         part, member = self._locate(model, canonical)
         args[0] = member
@@ -1156,17 +1141,6 @@ class RedisBuffer:
             if self._owned:
                 for c in self._clients:
                     c.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _flat(raw: Any) -> list[bytes]:
