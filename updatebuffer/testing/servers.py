@@ -1,7 +1,8 @@
 """Start real ``redis-server`` processes for tests and benchmarks.
 
 The servers run as child processes on free loopback ports, each with a temporary directory it
-owns, and are stopped by pid (getsentry/rb's ``rb/testing.py``, cachelib's test fixtures). Nothing
+owns, and are stopped by pid (getsentry/rb's ``rb/testing.py``, cachelib's test fixtures); that
+lifecycle is :class:`updatebuffer.testing.process.ServerProcess`, shared with other servers. Nothing
 here ever connects to a server it did not start, so a developer's own Redis on port 6379 is safe.
 The module needs neither redis-py nor pytest: readiness is checked over a raw socket and pytest is
 imported only by :func:`skip_or_fail_without_redis`.
@@ -26,16 +27,15 @@ the interpreter exits.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import itertools
 import os
 import shutil
 import socket
 import subprocess
-import tempfile
-import threading
 import time
-from typing import TYPE_CHECKING, BinaryIO, TypeAlias
+from typing import TYPE_CHECKING, BinaryIO, ClassVar, TypeAlias
+
+from updatebuffer.testing.process import HOST, ServerProcess, free_port
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -59,9 +59,6 @@ __all__ = [
     "skip_or_fail_without_redis",
 ]
 
-HOST = "127.0.0.1"
-"""The only interface the servers listen on."""
-
 REDIS_SERVER_ENV = "UPDATEBUFFER_REDIS_SERVER"
 """Environment variable naming the ``redis-server`` binary (overrides ``PATH``)."""
 
@@ -80,7 +77,6 @@ _MAX_PORT = 65535
 _START_ATTEMPTS = 5
 _BIND_FAILURE_MARKERS = ("Address already in use", "Failed listening on port")
 _LOG_TAIL_LINES = 20
-_STOP_TIMEOUT = 10.0
 _PROBE_TIMEOUT = 2.0
 _POLL_INTERVAL = 0.01
 
@@ -101,10 +97,6 @@ class RedisStartupError(RuntimeError):
 
 class _ReplyError(RuntimeError):
     """The server answered a command with a RESP error reply."""
-
-
-class _PortTakenError(Exception):
-    """The server exited because its port (or cluster bus port) was already bound."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,20 +143,6 @@ def find_redis_cli() -> str | None:
         if sibling is not None:
             return sibling
     return shutil.which("redis-cli")
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago (never 6379).
-
-    The port is found by binding port 0 and closing the socket, so another process may take it
-    before it is used: :meth:`RedisServer.start` retries on a new port when its bind fails.
-    """
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((HOST, 0))
-            port: int = sock.getsockname()[1]
-        if port != _DEFAULT_PORT:
-            return port
 
 
 def _port_is_free(port: int) -> bool:
@@ -274,49 +252,18 @@ def _parse_info(reply: RespValue) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Process tracking for the atexit safety net
-
-
-_LIVE: set[RedisServer] = set()
-_LIVE_LOCK = threading.Lock()
-
-
-def _track(server: RedisServer) -> None:
-    with _LIVE_LOCK:
-        _LIVE.add(server)
-
-
-def _untrack(server: RedisServer) -> None:
-    with _LIVE_LOCK:
-        _LIVE.discard(server)
-
-
-def _cleanup_at_exit() -> None:
-    """Kill every server this module started that is still alive and remove its directory."""
-    with _LIVE_LOCK:
-        servers = list(_LIVE)
-    for server in servers:
-        # Best effort at interpreter exit: one broken server must not keep the others alive.
-        with contextlib.suppress(Exception):
-            server.kill()
-        with contextlib.suppress(Exception):
-            server._remove_dir()
-
-
-atexit.register(_cleanup_at_exit)
-
-
-# ---------------------------------------------------------------------------------------------
 # Servers
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
     """A ``redis-server`` child process on a free 127.0.0.1 port, with a temp directory it owns.
 
     The server runs with ``--save ""`` (no RDB snapshots) and, when ``appendonly`` is true, with
     ``--appendonly yes --appendfsync always`` so that every acknowledged write survives
     :meth:`restart` and even :meth:`kill`. Use it as a context manager or call :meth:`start` and
-    :meth:`stop`; :attr:`url` is ``redis://127.0.0.1:PORT/0``.
+    :meth:`stop`; :attr:`url` is ``redis://127.0.0.1:PORT/0``. Its :attr:`dir` (data, AOF,
+    ``nodes.conf`` and the :attr:`logfile` ``redis.log``) stays across :meth:`restart` and after
+    :meth:`kill`.
 
     :param port: the port to listen on. By default a free port is chosen (and replaced by another
         one if some other process takes it first); an explicit port is used as given and must be
@@ -327,6 +274,12 @@ class RedisServer:
     :param startup_timeout: seconds to wait for the server to answer ``PING``.
     :raises ValueError: if ``port`` is out of range or ``extra_args`` is a single string.
     """
+
+    _dir_prefix = "updatebuffer-redis-"
+    _log_name = "redis.log"
+    _bind_failure_markers = _BIND_FAILURE_MARKERS
+    _live: ClassVar[set[ServerProcess]] = set()
+    _poll_interval = _POLL_INTERVAL
 
     def __init__(
         self,
@@ -340,10 +293,8 @@ class RedisServer:
             raise ValueError(
                 f"extra_args must be a sequence of arguments, not the string {extra_args!r}"
             )
-        self.host: str = HOST
         self.appendonly = appendonly
         self.extra_args: tuple[str, ...] = tuple(extra_args)
-        self.startup_timeout = startup_timeout
         self._cluster_bus = _enables_cluster(self.extra_args)
         if port is not None:
             limit = _MAX_PORT - _CLUSTER_BUS_OFFSET if self._cluster_bus else _MAX_PORT
@@ -352,14 +303,9 @@ class RedisServer:
         # Once the server has run, its port is fixed: restarts must come back where clients
         # (and cluster peers) expect it.
         self._port_fixed = port is not None
-        self.port: int = port if port is not None else self._pick_port()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._dir: str | None = None
-        self._log_offset = 0
-
-    def __repr__(self) -> str:
-        state = f"pid={self._proc.pid}" if self.running and self._proc else "stopped"
-        return f"<{type(self).__name__} {self.host}:{self.port} {state}>"
+        super().__init__(
+            port=port if port is not None else self._pick_port(), startup_timeout=startup_timeout
+        )
 
     # -- attributes -----------------------------------------------------------------------------
 
@@ -367,42 +313,6 @@ class RedisServer:
     def url(self) -> str:
         """The ``redis://127.0.0.1:PORT/0`` URL of this server."""
         return f"redis://{self.host}:{self.port}/0"
-
-    @property
-    def running(self) -> bool:
-        """Whether the server process is alive."""
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int:
-        """The process id of the running server.
-
-        :raises RuntimeError: if the server is not running.
-        """
-        if self._proc is None or self._proc.poll() is not None:
-            raise RuntimeError(f"{self!r} is not running")
-        return self._proc.pid
-
-    @property
-    def dir(self) -> str:
-        """The temporary directory the server owns (data, AOF, ``nodes.conf``, ``redis.log``).
-
-        It exists from :meth:`start` until :meth:`stop`, including across :meth:`restart` and
-        after :meth:`kill`.
-
-        :raises RuntimeError: if the server was never started or has been stopped.
-        """
-        if self._dir is None:
-            raise RuntimeError(f"{self!r} has no directory: it was never started or is stopped")
-        return self._dir
-
-    @property
-    def logfile(self) -> str:
-        """The path of the server's log file (``redis.log`` in :attr:`dir`).
-
-        :raises RuntimeError: if the server was never started or has been stopped.
-        """
-        return os.path.join(self.dir, "redis.log")
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -427,23 +337,20 @@ class RedisServer:
             for attempt in range(1, _START_ATTEMPTS + 1):
                 if self._port_fixed:
                     self._check_fixed_port_free()
-                try:
-                    self._spawn(binary)
-                    self._wait_ready()
-                except _PortTakenError:
-                    self._reap()
-                    if self._port_fixed or attempt == _START_ATTEMPTS:
-                        raise RedisStartupError(
-                            f"redis-server could not bind 127.0.0.1:{self.port} after {attempt}"
-                            f" attempt(s):\n{self._log_tail()}"
-                        ) from None
-                    # A fresh directory too: a cluster node already wrote nodes.conf for the
-                    # port it failed to take.
-                    self._remove_dir()
-                    self._make_dir()
-                    self.port = self._pick_port()
-                else:
+                self._launch(self._command_line(binary))
+                if self._wait_ready():
                     break
+                self._reap()
+                if self._port_fixed or attempt == _START_ATTEMPTS:
+                    raise RedisStartupError(
+                        f"redis-server could not bind 127.0.0.1:{self.port} after {attempt}"
+                        f" attempt(s):\n{self._log_tail()}"
+                    )
+                # A fresh directory too: a cluster node already wrote nodes.conf for the port it
+                # failed to take.
+                self._remove_dir()
+                self._make_dir()
+                self.port = self._pick_port()
         except BaseException:
             self._reap(kill=True)
             if fresh:
@@ -451,15 +358,6 @@ class RedisServer:
             raise
         self._port_fixed = True
         return self
-
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after 10 s) and remove its directory.
-
-        Safe to call more than once and on a server that was never started or was killed.
-        """
-        self._terminate()
-        self._reap()
-        self._remove_dir()
 
     def restart(self) -> None:
         """Stop the server with SIGTERM, wait for it to exit, and start it on the same port and dir.
@@ -480,20 +378,7 @@ class RedisServer:
 
         :meth:`start` brings it back with whatever the AOF recorded; :meth:`stop` cleans up.
         """
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-        self._reap()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        self._reap(kill=True)
 
     # -- talking to the server ------------------------------------------------------------------
 
@@ -523,18 +408,6 @@ class RedisServer:
 
     def _pick_port(self) -> int:
         return _free_cluster_port() if self._cluster_bus else free_port()
-
-    def _make_dir(self) -> None:
-        self._dir = tempfile.mkdtemp(prefix="updatebuffer-redis-")
-        self._log_offset = 0
-        _track(self)
-
-    def _remove_dir(self) -> None:
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-        if self._proc is None:
-            _untrack(self)
 
     def _check_fixed_port_free(self) -> None:
         ports = [self.port]
@@ -573,46 +446,20 @@ class RedisServer:
         args += self.extra_args
         return args
 
-    def _spawn(self, binary: str) -> None:
-        logfile = self.logfile
-        self._log_offset = os.path.getsize(logfile) if os.path.exists(logfile) else 0
-        # stdout/stderr share the log file (O_APPEND) so that fatal config errors, which redis
-        # prints before it opens --logfile, land next to everything else.
-        with open(logfile, "ab") as log:
-            self._proc = subprocess.Popen(
-                self._command_line(binary),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd=self.dir,
-            )
+    def _exited_error(self, code: int) -> RedisStartupError:
+        return RedisStartupError(
+            f"redis-server exited with status {code} while starting on"
+            f" 127.0.0.1:{self.port}\ncommand: {self._command_line('redis-server')}\n"
+            f"{self._log_tail()}"
+        )
 
-    def _wait_ready(self) -> None:
-        proc = self._proc
-        if proc is None:
-            raise RuntimeError("_wait_ready() called before _spawn()")
-        deadline = time.monotonic() + self.startup_timeout
-        while True:
-            code = proc.poll()
-            if code is not None:
-                log = self._read_log()
-                if any(marker in log for marker in _BIND_FAILURE_MARKERS):
-                    raise _PortTakenError
-                raise RedisStartupError(
-                    f"redis-server exited with status {code} while starting on"
-                    f" 127.0.0.1:{self.port}\ncommand: {self._command_line('redis-server')}\n"
-                    f"{self._log_tail()}"
-                )
-            if self._probe(proc.pid):
-                return
-            if time.monotonic() >= deadline:
-                raise RedisStartupError(
-                    f"redis-server (pid {proc.pid}) did not answer PING on 127.0.0.1:{self.port}"
-                    f" within {self.startup_timeout:g} s\n{self._log_tail()}"
-                )
-            time.sleep(_POLL_INTERVAL)
+    def _not_ready_error(self, pid: int) -> RedisStartupError:
+        return RedisStartupError(
+            f"redis-server (pid {pid}) did not answer PING on 127.0.0.1:{self.port}"
+            f" within {self.startup_timeout:g} s\n{self._log_tail()}"
+        )
 
-    def _probe(self, pid: int) -> bool:
+    def _ready(self, pid: int) -> bool:
         """Whether *our* process answers on the port (not some other server that holds it)."""
         try:
             with _Connection(self.host, self.port, _PROBE_TIMEOUT) as conn:
@@ -624,14 +471,6 @@ class RedisServer:
         except (OSError, ValueError, _ReplyError):
             return False
 
-    def _read_log(self) -> str:
-        try:
-            with open(self.logfile, "rb") as log:
-                log.seek(self._log_offset)
-                return log.read().decode(errors="replace")
-        except OSError:
-            return ""
-
     def _log_tail(self) -> str:
         if self._dir is None:
             return "(no log)"
@@ -639,24 +478,12 @@ class RedisServer:
         body = "\n".join(lines) if lines else "(empty)"
         return f"--- last lines of {self.logfile} ---\n{body}"
 
-    def _terminate(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
 
-    def _reap(self, *, kill: bool = False, timeout: float = _STOP_TIMEOUT) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        if kill and proc.poll() is None:
-            proc.kill()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        self._proc = None
-        if self._dir is None:
-            _untrack(self)
+# The atexit safety net kills every server this module started that is still alive and removes
+# its directory.
+_LIVE = RedisServer._live
+_cleanup_at_exit = RedisServer._reap_leftovers
+atexit.register(_cleanup_at_exit)
 
 
 def _stop_all(servers: Iterable[RedisServer]) -> None:

@@ -1,7 +1,8 @@
 """Start a throwaway PostgreSQL cluster for tests and benchmarks.
 
 :class:`PostgresServer` runs ``initdb`` into a temporary directory and then ``postgres`` as a
-child process on a free 127.0.0.1 port, and stops it by pid (the same shape as
+child process on a free 127.0.0.1 port, and stops it by pid (the lifecycle of
+:class:`updatebuffer.testing.process.ServerProcess`, shared with
 :class:`updatebuffer.testing.servers.RedisServer`). It never touches a server it did not start,
 so the machine's own PostgreSQL on port 5432 is safe.
 
@@ -30,16 +31,12 @@ import pwd
 import shutil
 import signal
 import subprocess
-import tempfile
-import threading
-import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
-from updatebuffer.testing.servers import HOST, free_port
+from updatebuffer.testing.process import ServerProcess, free_port
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
-    from types import TracebackType
 
     from typing_extensions import Self
 
@@ -83,10 +80,6 @@ class PostgresNotAvailableError(RuntimeError):
 
 class PostgresStartupError(RuntimeError):
     """``initdb`` failed, or the server did not become ready in time."""
-
-
-class _PortTakenError(Exception):
-    """The server exited because its port was already bound."""
 
 
 def find_pg_bindir() -> str | None:
@@ -140,23 +133,7 @@ def _run_as() -> pwd.struct_passwd | None:
     )
 
 
-_LIVE: set[PostgresServer] = set()
-_LIVE_LOCK = threading.Lock()
-
-
-def _cleanup_at_exit() -> None:
-    with _LIVE_LOCK:
-        servers = list(_LIVE)
-    for server in servers:
-        # Best effort at interpreter exit: one broken server must not keep the others alive.
-        with contextlib.suppress(Exception):
-            server.stop(fast=False)
-
-
-atexit.register(_cleanup_at_exit)
-
-
-class PostgresServer:
+class PostgresServer(ServerProcess):
     """A disposable PostgreSQL cluster on a free 127.0.0.1 port, in a temporary directory it owns.
 
     Use it as a context manager or call :meth:`start` and :meth:`stop`. The superuser is
@@ -169,6 +146,12 @@ class PostgresServer:
     :param driver: the SQLAlchemy driver name used in :attr:`url`.
     """
 
+    _dir_prefix = "updatebuffer-pg-"
+    _log_name = "postgres.log"
+    _bind_failure_markers = _BIND_FAILURE_MARKERS
+    _live: ClassVar[set[ServerProcess]] = set()
+    _poll_interval = _POLL_INTERVAL
+
     def __init__(
         self,
         *,
@@ -176,44 +159,14 @@ class PostgresServer:
         startup_timeout: float = 60.0,
         driver: str = "psycopg",
     ) -> None:
-        self.host: str = HOST
+        super().__init__(port=free_port(), startup_timeout=startup_timeout)
         self.settings: dict[str, str] = {**DEFAULT_SETTINGS, **(settings or {})}
-        self.startup_timeout = startup_timeout
         self.driver = driver
-        self.port: int = free_port()
-        self._dir: str | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def __repr__(self) -> str:
-        state = f"pid={self._proc.pid}" if self.running and self._proc else "stopped"
-        return f"<{type(self).__name__} {self.host}:{self.port} {state}>"
 
     @property
     def url(self) -> str:
         """SQLAlchemy URL of the ``postgres`` database: ``postgresql+psycopg://...``."""
         return f"postgresql+{self.driver}://postgres@{self.host}:{self.port}/postgres"
-
-    @property
-    def running(self) -> bool:
-        """Whether the server process is alive."""
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int:
-        """The postmaster's process id.
-
-        :raises RuntimeError: if the server is not running.
-        """
-        if self._proc is None or self._proc.poll() is not None:
-            raise RuntimeError(f"{self!r} is not running")
-        return self._proc.pid
-
-    @property
-    def logfile(self) -> str:
-        """Path of the server log."""
-        if self._dir is None:
-            raise RuntimeError(f"{self!r} has no directory: it was never started or is stopped")
-        return os.path.join(self._dir, "postgres.log")
 
     def start(self) -> Self:
         """Create the cluster, start the server and wait until it accepts connections.
@@ -227,12 +180,10 @@ class PostgresServer:
         if bindir is None:
             raise PostgresNotAvailableError(_not_available_message())
         account = _run_as()
-        self._dir = tempfile.mkdtemp(prefix="updatebuffer-pg-")
-        with _LIVE_LOCK:
-            _LIVE.add(self)
+        self._make_dir()
         try:
             if account is not None:
-                os.chown(self._dir, account.pw_uid, account.pw_gid)
+                os.chown(self.dir, account.pw_uid, account.pw_gid)
             self._initdb(bindir, account)
             attempt = 1
             while not self._try_start(bindir, account):
@@ -255,26 +206,9 @@ class PostgresServer:
 
         :param fast: if false, wait up to 30 s for the fast shutdown before killing.
         """
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # "fast" shutdown: roll back sessions, exit
+        self._terminate(signal.SIGINT)  # "fast" shutdown: roll back sessions, exit
         self._reap(timeout=10.0 if fast else _STOP_TIMEOUT)
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        self._remove_dir()
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -287,11 +221,10 @@ class PostgresServer:
         return env
 
     def _initdb(self, bindir: str, account: pwd.struct_passwd | None) -> None:
-        assert self._dir is not None
         cmd = [
             os.path.join(bindir, "initdb"),
             "-D",
-            os.path.join(self._dir, "data"),
+            os.path.join(self.dir, "data"),
             "-U",
             "postgres",
             "--auth=trust",
@@ -302,7 +235,7 @@ class PostgresServer:
         try:
             done = subprocess.run(
                 cmd,
-                cwd=self._dir,
+                cwd=self.dir,
                 env=self._env(account),
                 capture_output=True,
                 text=True,
@@ -323,102 +256,78 @@ class PostgresServer:
             )
 
     def _spawn(self, bindir: str, account: pwd.struct_passwd | None) -> None:
-        assert self._dir is not None
         args = [
             os.path.join(bindir, "postgres"),
             "-D",
-            os.path.join(self._dir, "data"),
+            os.path.join(self.dir, "data"),
             "-p",
             str(self.port),
             "-c",
             f"listen_addresses={self.host}",
             "-c",
-            f"unix_socket_directories={self._dir}",
+            f"unix_socket_directories={self.dir}",
         ]
         for name, value in self.settings.items():
             args += ["-c", f"{name}={value}"]
-        log = open(self.logfile, "ab")  # noqa: SIM115 - handed to the child, closed below
-        try:
-            if account is not None:
-                os.chown(self.logfile, account.pw_uid, account.pw_gid)
-            self._proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd=self._dir,
-                env=self._env(account),
-                start_new_session=True,  # a Ctrl-C in the terminal must not shut it down early
-                user=None if account is None else account.pw_uid,
-                group=None if account is None else account.pw_gid,
-                extra_groups=None if account is None else [],
-            )
-        finally:
-            log.close()
+        if account is not None:
+            # Created first so that the account owns it before the server starts.
+            with open(self.logfile, "ab"):
+                pass
+            os.chown(self.logfile, account.pw_uid, account.pw_gid)
+        self._launch(
+            args,
+            env=self._env(account),
+            start_new_session=True,  # a Ctrl-C in the terminal must not shut it down early
+            user=None if account is None else account.pw_uid,
+            group=None if account is None else account.pw_gid,
+            extra_groups=None if account is None else [],
+        )
+        # Read the whole log, earlier attempts' lines included, in the readiness and bind-failure
+        # checks and in error messages.
         self._log_offset = 0
 
     def _try_start(self, bindir: str, account: pwd.struct_passwd | None) -> bool:
         """Spawn the server and wait for it; return false if another process took the port."""
-        try:
-            self._spawn(bindir, account)
-            self._wait_ready()
-        except _PortTakenError:
-            self._reap(kill=True)
-            return False
-        return True
+        self._spawn(bindir, account)
+        if self._wait_ready():
+            return True
+        self._reap(kill=True)
+        return False
 
-    def _read_log(self) -> str:
-        try:
-            with open(self.logfile, "rb") as log:
-                return log.read().decode(errors="replace")
-        except (OSError, RuntimeError):
-            return ""
+    def _ready(self, pid: int) -> bool:
+        return _READY_MARKER in self._read_log()
+
+    def _exited_error(self, code: int) -> PostgresStartupError:
+        return PostgresStartupError(
+            f"postgres exited with status {code} while starting on "
+            f"{self.host}:{self.port}\n{self._log_tail()}"
+        )
+
+    def _not_ready_error(self, pid: int) -> PostgresStartupError:
+        return PostgresStartupError(
+            f"postgres (pid {pid}) was not ready on {self.host}:{self.port} within "
+            f"{self.startup_timeout:g} s\n{self._log_tail()}"
+        )
 
     def _log_tail(self) -> str:
         lines = self._read_log().splitlines()[-_LOG_TAIL_LINES:]
         return "--- last lines of the postgres log ---\n" + ("\n".join(lines) or "(empty)")
 
-    def _wait_ready(self) -> None:
-        proc = self._proc
-        assert proc is not None
-        deadline = time.monotonic() + self.startup_timeout
-        while True:
-            log = self._read_log()
-            code = proc.poll()
-            if code is not None:
-                if any(marker in log for marker in _BIND_FAILURE_MARKERS):
-                    raise _PortTakenError
-                raise PostgresStartupError(
-                    f"postgres exited with status {code} while starting on "
-                    f"{self.host}:{self.port}\n{self._log_tail()}"
-                )
-            if _READY_MARKER in log:
-                return
-            if time.monotonic() >= deadline:
-                raise PostgresStartupError(
-                    f"postgres (pid {proc.pid}) was not ready on {self.host}:{self.port} within "
-                    f"{self.startup_timeout:g} s\n{self._log_tail()}"
-                )
-            time.sleep(_POLL_INTERVAL)
-
-    def _reap(self, *, kill: bool = False, timeout: float = _STOP_TIMEOUT) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        if kill and proc.poll() is None:
-            proc.kill()
+    def _force_exit(self, proc: subprocess.Popen[bytes]) -> None:
+        # SIGQUIT makes the postmaster take its backends down with it; SIGKILL would orphan them
+        # holding the shared memory segment.
+        proc.send_signal(signal.SIGQUIT)
         try:
-            proc.wait(timeout=timeout)
+            proc.wait(timeout=5.0)
         except subprocess.TimeoutExpired:
-            # SIGQUIT makes the postmaster take its backends down with it; SIGKILL would orphan
-            # them holding the shared memory segment.
-            proc.send_signal(signal.SIGQUIT)
-            try:
-                proc.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._proc = None
+            super()._force_exit(proc)
+
+    def _reap_at_exit(self) -> None:
+        # A slow but clean shutdown (see _force_exit): SIGKILL would orphan the backends.
+        self.stop(fast=False)
+
+
+atexit.register(PostgresServer._reap_leftovers)
 
 
 def skip_or_fail_without_postgres() -> None:
