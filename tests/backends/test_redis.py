@@ -201,3 +201,20 @@ def test_local_window_overflow_becomes_dead_letter(redis_server, key_prefix):
     plain.drain()
     assert rec.total("n") == 2**63 - 1 + 5
     plain.close()
+
+
+def test_fast_and_general_incr_paths_merge_into_one_row(redis_server, key_prefix):
+    rec = Recorder()
+    buf = RedisBuffer(
+        flush=rec, client=redis.Redis(port=redis_server.port), key_prefix=key_prefix, delay=0
+    )
+    buf.incr("g", {"n": 1}, {"id": 7})  # fast path creates the row
+    buf.incr("g", {"n": 2}, {"id": 7}, {"m": "x"}, signal_only=False)  # general path merges
+    buf.incr("g", {"n": 3}, {"id": 7})  # fast path again
+    buf.incr("g", {"n": 4}, {"id": "7"})  # another row (typed filters)
+    pending = buf.get("g", {"id": 7})
+    assert pending.columns == {"n": 6} and pending.count == 3 and pending.extra == {"m": "x"}
+    assert pending.signal_only is False
+    assert buf.drain() == 2
+    assert sorted(u.columns["n"] for u in rec.updates()) == [4, 6]
+    buf.close()

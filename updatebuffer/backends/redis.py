@@ -41,7 +41,13 @@ from urllib.parse import urlsplit, urlunsplit
 from typing_extensions import Self
 
 from updatebuffer._retry import DeadLetter, backoff_delay
-from updatebuffer._validate import check_operations, require_filters
+from updatebuffer._validate import (
+    _FAST_TAGS,
+    INT64_MAX,
+    INT64_MIN,
+    check_operations,
+    require_filters,
+)
 from updatebuffer.buffer import _Closeable
 from updatebuffer.codec import decode_value, encode_value, type_name
 from updatebuffer.config import Option, boolean, count, duration, mask_url, parse_options, text
@@ -621,6 +627,8 @@ class RedisBuffer(_Closeable):
             {name: c.register_script(src) for name, src in _SOURCES.items()} for c in clients
         ]
         self._rotation = 0
+        # (model, filter name, type, value) -> partition, member, canonical bytes, incr SHA
+        self._idents: dict[tuple[Any, ...], tuple[_Partition, str, bytes, str]] = {}
         self._window: MemoryBuffer | None = None
         self._window_flusher: Flusher | None = None
         if self.local_window > 0:
@@ -740,6 +748,66 @@ class RedisBuffer(_Closeable):
         """
         if self._closed:
             raise UpdateBufferError("incr() on a closed buffer")
+        # Fast path for the hot shape (one int delta, one filter of a common type, nothing
+        # else), like MemoryBuffer's: the row's partition, member and canonical bytes are cached
+        # per identity, and the script runs by SHA with a short ARGV incr.lua recognises.
+        if (
+            self._window is None
+            and extra is None
+            and greatest is None
+            and least is None
+            and signal_only is False
+            and type(columns) is dict
+            and type(filters) is dict
+            and len(columns) == 1
+            and len(filters) == 1
+        ):
+            [(column, delta)] = columns.items()
+            [(name, value)] = filters.items()
+            vtype = type(value)
+            if (
+                type(delta) is int
+                and type(column) is str
+                and column
+                and vtype in _FAST_TAGS
+                and INT64_MIN <= delta <= INT64_MAX
+            ):
+                ident = (model, name, vtype, value)
+                where = self._idents.get(ident)
+                if where is None:
+                    canonical = encode_row(model, filters)  # validates model, name and value
+                    part, member = self._locate(model, canonical)
+                    where = (part, member, canonical, self._scripts[part.node]["incr"].sha)
+                    if len(self._idents) >= 65_536:
+                        self._idents.clear()
+                    self._idents[ident] = where
+                part, member, canonical, sha = where
+                try:
+                    failed = part.client.execute_command(
+                        "EVALSHA",
+                        sha,
+                        2,
+                        part.pending,
+                        part.stats,
+                        part.base,
+                        "!",
+                        member,
+                        canonical,
+                        column,
+                        delta,
+                    )
+                except redis.exceptions.NoScriptError:
+                    pass  # not loaded (server restarted): the general path below loads it
+                except redis.exceptions.RedisError as exc:
+                    where_ = self._url or "redis"
+                    raise BackendError(
+                        f"redis error while buffering an update ({where_}): {exc}"
+                    ) from exc
+                else:
+                    if failed:
+                        _, code, field = failed
+                        raise _rejection(code.decode(), field.decode())
+                    return
         if self._window is not None:
             self._window.incr(
                 model,

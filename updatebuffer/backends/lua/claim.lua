@@ -3,27 +3,36 @@
 -- ARGV: base, batch id, limit, max score (ms; rows first buffered at or before it are due),
 --       lease ms.
 -- Reading and removing a row is one atomic step here, so no update can slip between them.
+-- Per page: one HMGET for the owners, one ZREM and one HSET for the claimed members; per row
+-- only RENAME and HGETALL.
 local pending, leases, owner, bkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local base, id, limit, maxscore, lease = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local got, skipped = 0, 0
 local members, out = {}, {}
 while got < limit do
-  local page = redis.call('ZRANGEBYSCORE', pending, '-inf', maxscore, 'LIMIT', skipped, limit - got)
+  local page = redis.call('ZRANGEBYSCORE', pending, '-inf', maxscore, 'LIMIT', skipped, math.min(limit - got, 1000))
   if #page == 0 then break end
-  for _, m in ipairs(page) do
-    -- A row whose older data is still in a live batch waits, so an older `extra` can never be
-    -- applied after a newer one.
-    if redis.call('HEXISTS', owner, m) == 1 then
+  -- A row whose older data is still in a live batch waits, so an older `extra` can never be
+  -- applied after a newer one.
+  local owned = redis.call('HMGET', owner, unpack(page))
+  local taken, owners = {}, {}
+  for i, m in ipairs(page) do
+    if owned[i] then
       skipped = skipped + 1
     else
       got = got + 1
       local dst = bkey .. ':' .. got
       redis.call('RENAME', base .. ':' .. m, dst)
-      redis.call('ZREM', pending, m)
-      redis.call('HSET', owner, m, id)
       members[got] = m
-      out[#out + 1] = redis.call('HGETALL', dst)
+      taken[#taken + 1] = m
+      owners[#owners + 1] = m
+      owners[#owners + 1] = id
+      out[got] = redis.call('HGETALL', dst)
     end
+  end
+  if #taken > 0 then
+    redis.call('ZREM', pending, unpack(taken))
+    redis.call('HSET', owner, unpack(owners))
   end
 end
 if got == 0 then return nil end

@@ -4,6 +4,29 @@
 -- are untouched). A push id already seen (a retried push) applies nothing and returns 'dup'.
 local pending, stats = KEYS[1], KEYS[2]
 local base = ARGV[1]
+-- Fast path for the hot shape, sent with a short ARGV: base, '!', member, canonical, column,
+-- delta (one int column, count 1, first = now, not signal-only). Same effect as merge_row in
+-- 6 commands instead of ~10, without building tables.
+if ARGV[2] == '!' then
+  local member = ARGV[3]
+  local row = base .. ':' .. member
+  local field = 'c:' .. ARGV[5]
+  -- A single field needs no restore: a failed HINCRBY changes nothing.
+  local r = redis.pcall('HINCRBY', row, field, ARGV[6])
+  if type(r) == 'table' and r.err then return { 1, 'overflow', field } end
+  -- _n counts merged updates, so it is 1 exactly when this call created the row hash; a new
+  -- row hash is a new pending member (claim moves the hash and the member together). An
+  -- existing row was first buffered before now: _f and the pending score stay.
+  if redis.call('HINCRBY', row, '_n', 1) == 1 then
+    local now = now_ms()
+    redis.call('HSET', row, '_k', ARGV[4], '_f', now, '_s', '0')
+    redis.call('ZADD', pending, 'NX', now, member)
+  else
+    redis.call('HSET', row, '_s', '0')
+  end
+  redis.call('HINCRBY', stats, 'accepted', 1)
+  return {}
+end
 if ARGV[2] ~= '' then
   if not redis.call('SET', base .. ':~push:' .. ARGV[2], '1', 'NX', 'EX', 86400) then
     return 'dup'
