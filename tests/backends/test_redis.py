@@ -218,3 +218,16 @@ def test_fast_and_general_incr_paths_merge_into_one_row(redis_server, key_prefix
     assert buf.drain() == 2
     assert sorted(u.columns["n"] for u in rec.updates()) == [4, 6]
     buf.close()
+
+
+def test_fast_path_reloads_scripts_after_script_flush(redis_server, key_prefix):
+    rec = Recorder()
+    admin = redis.Redis(port=redis_server.port)
+    buf = RedisBuffer(flush=rec, client=admin, key_prefix=key_prefix, delay=0)
+    buf.incr("g", {"n": 1}, {"id": 1})
+    admin.script_flush()  # as after a server restart without persistence of scripts
+    buf.incr("g", {"n": 2}, {"id": 1})
+    assert buf.drain() == 1
+    assert rec.total("n") == 3
+    buf.close()
+    admin.close()

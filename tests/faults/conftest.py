@@ -335,6 +335,50 @@ def producers():
             t.join(timeout=PATIENCE)
 
 
+class FlushLoop:
+    """A thread calling ``process_pending()`` until stopped, riding out ``BackendError``s."""
+
+    def __init__(self, buf) -> None:
+        self.buf = buf
+        self.errors: list[BackendError] = []
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="flusher", daemon=True)
+
+    def _step(self) -> None:
+        try:
+            if self.buf.process_pending() == 0:
+                time.sleep(0.005)
+        except BackendError as exc:
+            self.errors.append(exc)
+            time.sleep(0.02)
+
+    def _run(self) -> None:
+        while not self.stop_event.is_set():
+            self._step()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=PATIENCE)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def flush_loop():
+    """``flush_loop(buf)`` starts a FlushLoop; every one is stopped at teardown."""
+    made: list[FlushLoop] = []
+
+    def start(buf) -> FlushLoop:
+        loop = FlushLoop(buf)
+        made.append(loop)
+        loop.thread.start()
+        return loop
+
+    yield start
+    for loop in made:
+        loop.stop_event.set()
+        loop.thread.join(timeout=PATIENCE)
+
+
 # ---------------------------------------------------------------------------------------------
 # Worker processes (tests/faults/_worker.py)
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
 from updatebuffer.backends.redis import RedisBuffer
-from updatebuffer.errors import BackendError
 from updatebuffer.testing.contract import Recorder
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis]
@@ -70,7 +68,9 @@ def test_connection_killed_inside_the_callback(server, prefix):
     buf.close()
 
 
-def test_kill_storm_during_concurrent_traffic(server, prefix, producers, make_ledger, settle):
+def test_kill_storm_during_concurrent_traffic(
+    server, prefix, producers, make_ledger, settle, flush_loop
+):
     """Connections dropped at random moments, mid-command included, under producers + flusher.
 
     A call on a connection killed mid-command raises BackendError (it may have run); every call
@@ -89,24 +89,8 @@ def test_kill_storm_during_concurrent_traffic(server, prefix, producers, make_le
         batch_size=8,
         retry_backoff=0.02,
     )
-    stop = threading.Event()
-    flusher_errors = []
-
-    def flush_step():
-        try:
-            if worker_buf.process_pending() == 0:
-                time.sleep(0.005)
-        except BackendError as exc:
-            flusher_errors.append(exc)
-            time.sleep(0.02)
-
-    def flush_loop():
-        while not stop.is_set():
-            flush_step()
-
-    flusher = threading.Thread(target=flush_loop, daemon=True)
     prod = producers(producer_buf, threads=3, rows=20, pause=0, seed=5)
-    flusher.start()
+    flusher = flush_loop(worker_buf)
     kills = 0
     try:
         prod.wait_for_acked(200)
@@ -116,9 +100,7 @@ def test_kill_storm_during_concurrent_traffic(server, prefix, producers, make_le
             time.sleep(0.01)
     finally:
         tally = prod.stop()
-        stop.set()
-        flusher.join(timeout=60)
-    assert not flusher.is_alive()
+        flusher.stop()
     assert kills > 50
     settle(worker_buf)
     tally.check_bounds(ledger.totals())

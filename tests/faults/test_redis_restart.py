@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 
 from updatebuffer.backends.redis import RedisBuffer
@@ -25,7 +22,7 @@ def _bounce(server, how):
 
 @pytest.mark.parametrize("how", ["restart", "kill"])
 def test_no_acknowledged_incr_lost_across_a_restart(
-    aof_server, prefix, how, producers, make_ledger, settle
+    aof_server, prefix, how, producers, make_ledger, settle, flush_loop
 ):
     url = f"{aof_server.url}?socket_timeout=2"
     producer_buf = RedisBuffer.from_url(url, flush=lambda b: None, key_prefix=prefix, delay=0)
@@ -35,24 +32,8 @@ def test_no_acknowledged_incr_lost_across_a_restart(
     )
     # A flusher keeps claiming and acking through the outage: its claims, acks and failures hit
     # the dead server too.
-    stop = threading.Event()
-    flusher_errors = []
-
-    def flush_step():
-        try:
-            if worker_buf.process_pending() == 0:
-                time.sleep(0.005)
-        except BackendError as exc:
-            flusher_errors.append(exc)
-            time.sleep(0.02)
-
-    def flush_loop():
-        while not stop.is_set():
-            flush_step()
-
-    flusher = threading.Thread(target=flush_loop, name="flusher", daemon=True)
     prod = producers(producer_buf, threads=3, rows=30, pause=0.0005, seed=3)
-    flusher.start()
+    flusher = flush_loop(worker_buf)
     try:
         prod.wait_for_acked(500)
         _bounce(aof_server, how)
@@ -62,9 +43,7 @@ def test_no_acknowledged_incr_lost_across_a_restart(
         prod.wait_for_acked(prod.tally.acked_calls() + 500)
     finally:
         tally = prod.stop()
-        stop.set()
-        flusher.join(timeout=60)
-    assert not flusher.is_alive()
+        flusher.stop()
 
     settle(worker_buf)  # batches whose ack was lost come back after their lease
     totals = ledger.totals()

@@ -32,7 +32,7 @@ import re
 import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, ClassVar, cast
@@ -782,8 +782,10 @@ class RedisBuffer(_Closeable):
                         self._idents.clear()
                     self._idents[ident] = where
                 part, member, canonical, sha = where
-                try:
-                    failed = part.client.execute_command(
+                reply = None
+                # NoScriptError: not loaded (server restarted); the general path below loads it.
+                with self._errors("buffering an update"), suppress(redis.exceptions.NoScriptError):
+                    reply = part.client.execute_command(
                         "EVALSHA",
                         sha,
                         2,
@@ -796,17 +798,8 @@ class RedisBuffer(_Closeable):
                         column,
                         delta,
                     )
-                except redis.exceptions.NoScriptError:
-                    pass  # not loaded (server restarted): the general path below loads it
-                except redis.exceptions.RedisError as exc:
-                    where_ = self._url or "redis"
-                    raise BackendError(
-                        f"redis error while buffering an update ({where_}): {exc}"
-                    ) from exc
-                else:
-                    if failed:
-                        _, code, field = failed
-                        raise _rejection(code.decode(), field.decode())
+                if reply is not None:
+                    _raise_if_refused(reply)
                     return
         if self._window is not None:
             self._window.incr(
@@ -832,9 +825,7 @@ class RedisBuffer(_Closeable):
             failed = self._script(part, "incr")(
                 keys=[part.pending, part.stats], args=[part.base, "", 1, *args]
             )
-        if failed:
-            _, code, field = failed
-            raise _rejection(code.decode(), field.decode())
+        _raise_if_refused(failed)
 
     def _push(self, batch: Batch) -> None:
         """Flush callback of the local window: merge its rows into Redis, one call per partition.
@@ -1216,6 +1207,13 @@ def _flat(raw: Any) -> list[bytes]:
     if isinstance(raw, Mapping):
         return [x for pair in raw.items() for x in pair]
     return list(cast("Sequence[bytes]", raw))
+
+
+def _raise_if_refused(reply: Sequence[Any]) -> None:
+    """Raise the :class:`InvalidUpdateError` an incr script reported (``[index, code, field]``)."""
+    if reply:
+        _, code, field = reply
+        raise _rejection(code.decode(), field.decode())
 
 
 def _rejection(code: str, field: str) -> InvalidUpdateError:
