@@ -231,3 +231,21 @@ def test_fast_path_reloads_scripts_after_script_flush(redis_server, key_prefix):
     assert rec.total("n") == 3
     buf.close()
     admin.close()
+
+
+@pytest.mark.parametrize("window", [0, 30])
+def test_greatest_beyond_float_range_is_refused_at_incr(redis_server, key_prefix, window):
+    rec = Recorder()
+    buf = RedisBuffer(
+        flush=rec,
+        client=redis.Redis(port=redis_server.port),
+        key_prefix=key_prefix,
+        delay=0,
+        local_window=window,
+    )
+    with pytest.raises(updatebuffer.InvalidUpdateError, match=r"greatest\['t'\].*int"):
+        buf.incr("g", {"n": 1}, {"id": 1}, greatest={"t": 10**400})
+    buf.incr("g", {"n": 1}, {"id": 1}, greatest={"t": 5})
+    buf.drain()
+    assert rec.updates()[0].greatest == {"t": 5} and rec.total("n") == 1
+    buf.close()

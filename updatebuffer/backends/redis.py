@@ -129,7 +129,8 @@ def _order_key(value: Value, field: str) -> bytes:
             number = math.inf
         if not math.isfinite(number):
             raise InvalidUpdateError(
-                f"{field}: {value!r} is too large to compare in Redis (limit ~1.8e308)",
+                f"{field}: {type_name(value)} {value!r} is too large to compare in Redis "
+                "(limit ~1.8e308)",
                 field=field,
                 expected="number within float range",
                 got=type_name(value),
@@ -145,7 +146,7 @@ def _order_key(value: Value, field: str) -> bytes:
         return b"b" + value
     if isinstance(value, uuid.UUID):
         return b"u" + value.bytes
-    raise InvalidUpdateError(  # pragma: no cover - check_ordered refused it already
+    raise InvalidUpdateError(
         f"{field}: {type_name(value)} cannot be ordered", field=field, got=type_name(value)
     )
 
@@ -802,6 +803,12 @@ class RedisBuffer(_Closeable):
                     _raise_if_refused(reply)
                     return
         if self._window is not None:
+            # Values Redis cannot order must be refused now, not at push time, where the
+            # window would retry the whole push forever.
+            for what, values in (("greatest", greatest), ("least", least)):
+                if isinstance(values, Mapping):
+                    for name, value in values.items():
+                        _order_key(value, f"{what}[{name!r}]")
             self._window.incr(
                 model,
                 columns,
@@ -838,23 +845,17 @@ class RedisBuffer(_Closeable):
         for update in batch:
             canonical = encode_row(update.model, update.filters)
             part, member = self._locate(update.model, canonical)
-            try:
-                args = _update_args(
-                    member,
-                    canonical,
-                    update.signal_only,
-                    update.count,
-                    0,
-                    update.columns,
-                    update.extra,
-                    update.greatest,
-                    update.least,
-                )
-            except InvalidUpdateError:
-                log.exception(
-                    "local-window row %s %r cannot be stored", update.model, update.filters
-                )
-                raise
+            args = _update_args(
+                member,
+                canonical,
+                update.signal_only,
+                update.count,
+                0,
+                update.columns,
+                update.extra,
+                update.greatest,
+                update.least,
+            )
             groups.setdefault((part.node, part.index), []).append(args)
         for (node, index), rows in groups.items():
             part = self._parts[node][index]
