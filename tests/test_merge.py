@@ -1,15 +1,17 @@
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import threading
 from functools import reduce
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import updatebuffer
-from updatebuffer.update import Update, merge_updates
+from updatebuffer.update import Update, _unchecked_update, merge_updates
 
 UTC = datetime.timezone.utc
 COLUMNS = ["times_seen", "bytes", "errors"]
@@ -261,3 +263,23 @@ def test_concurrent_incr_from_threads_loses_nothing():
     assert buf.drain() == len(ROWS)
     assert sum(u.columns["times_seen"] for u in flushed) == threads * per_thread
     buf.close()
+
+
+def test_unchecked_update_equals_the_dataclass_constructor():
+    values = {
+        "model": "g",
+        "filters": {"id": 1},
+        "columns": {"n": 2},
+        "extra": {"e": "x"},
+        "greatest": {"t": 3},
+        "least": {"t": 1},
+        "signal_only": True,
+        "count": 4,
+        "first_buffered": 1.5,
+    }
+    # Same field names, same order: a field added to Update must be added to the fast builder.
+    assert list(values) == [f.name for f in dataclasses.fields(Update)]
+    fast = _unchecked_update(*values.values())
+    assert fast == Update(**values) and repr(fast) == repr(Update(**values))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.count = 5  # type: ignore[misc]  # still frozen

@@ -199,24 +199,43 @@ _DECODERS: dict[bytes, Callable[[bytes], Value]] = {
 }
 
 
-def _decode_at(data: bytes, pos: int) -> tuple[Value, int]:
+_STR_TAG, _INT_TAG = ord("s"), ord("i")
+
+
+def _decode_span(data: bytes, pos: int, limit: int) -> tuple[list[Value], int]:
+    """Decode up to *limit* values (``-1``: to the end) from *pos*; return them and the end.
+
+    One loop with inline branches for the common tags (``s``, ``i``) and one-byte lengths: row
+    keys are decoded once per flushed row, so this is on the drain's hot path.
+    """
+    values: list[Value] = []
+    size = len(data)
     try:
-        tag = data[pos : pos + 1]
-        pos += 1
-        length = 0
-        shift = 0
-        while True:
-            byte = data[pos]
-            pos += 1
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        end = pos + length
-        if end > len(data):
-            raise ValueError("truncated payload")
-        decoder = _DECODERS[tag]
-        value: Value = decoder(data[pos:end])
+        while pos < size and limit != 0:
+            limit -= 1
+            tag = data[pos]
+            length = data[pos + 1]
+            pos += 2
+            if length & 0x80:  # a multi-byte ULEB128 length
+                length &= 0x7F
+                shift = 7
+                while True:
+                    byte = data[pos]
+                    pos += 1
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    if not byte & 0x80:
+                        break
+            end = pos + length
+            if end > size:
+                raise ValueError("truncated payload")
+            if tag == _STR_TAG:
+                values.append(data[pos:end].decode("utf-8", "surrogatepass"))
+            elif tag == _INT_TAG:
+                values.append(_decode_int(data[pos:end]))
+            else:
+                values.append(_DECODERS[bytes((tag,))](data[pos:end]))
+            pos = end
     except (
         IndexError,
         KeyError,
@@ -226,7 +245,7 @@ def _decode_at(data: bytes, pos: int) -> tuple[Value, int]:
         decimal.InvalidOperation,  # an ArithmeticError, not a ValueError
     ) as exc:
         raise ValueError(f"corrupt encoded value at offset {pos}: {exc!r}") from exc
-    return value, end
+    return values, pos
 
 
 def decode_value(data: bytes) -> Value:
@@ -234,18 +253,17 @@ def decode_value(data: bytes) -> Value:
 
     :raises ValueError: the bytes are not exactly one encoded value.
     """
-    value, end = _decode_at(data, 0)
+    values, end = _decode_span(data, 0, 1)
+    if not values:
+        raise ValueError("corrupt encoded value at offset 0: no value")
     if end != len(data):
         raise ValueError(f"trailing bytes after encoded value at offset {end}")
-    return value
+    return values[0]
 
 
 def decode_values(data: bytes, start: int = 0) -> Iterator[Value]:
     """Decode a concatenation of encoded values, from offset *start* to the end.
 
-    :raises ValueError: the bytes are corrupt.
+    :raises ValueError: the bytes are corrupt (raised by this call: decoding is eager).
     """
-    pos = start
-    while pos < len(data):
-        value, pos = _decode_at(data, pos)
-        yield value
+    return iter(_decode_span(data, start, -1)[0])

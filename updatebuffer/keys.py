@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from updatebuffer.codec import decode_values, encode_value
+from updatebuffer.codec import _decode_span, encode_value
 from updatebuffer.errors import InvalidUpdateError
 
 if TYPE_CHECKING:
@@ -113,19 +113,18 @@ def decode_row(canonical: bytes) -> tuple[str, dict[str, Value]]:
     """
     if canonical[:1] != _VERSION_BYTE:
         raise ValueError(f"unknown row key version {canonical[:1]!r}")
-    values = list(decode_values(canonical, 1))
-    if len(values) < 2 or not isinstance(values[0], str) or not isinstance(values[1], int):
+    # Called once per flushed row: one eager decode, then type() checks (bool is not a count).
+    values = _decode_span(canonical, 1, -1)[0]
+    if len(values) < 2 or type(values[0]) is not str or type(values[1]) is not int:
         raise ValueError("corrupt row key header")
     model, count = values[0], values[1]
-    rest = values[2:]
-    if len(rest) != 2 * count:
+    if len(values) != 2 + 2 * count:
         raise ValueError("corrupt row key: filter count does not match")
-    filters: dict[str, Value] = {}
-    for name, value in zip(rest[::2], rest[1::2], strict=True):
-        if not isinstance(name, str):
+    names = values[2::2]
+    for name in names:
+        if type(name) is not str:
             raise ValueError("corrupt row key: filter name is not a str")
-        filters[name] = value
-    return model, filters
+    return model, dict(zip(names, values[3::2], strict=True))  # type: ignore[arg-type]  # str checked
 
 
 def row_digest(canonical: bytes) -> str:

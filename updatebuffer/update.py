@@ -46,6 +46,40 @@ class Update:
     first_buffered: float = 0.0
 
 
+_new_object = object.__new__
+
+
+def _unchecked_update(
+    model: str,
+    filters: Mapping[str, Value],
+    columns: Mapping[str, Number],
+    extra: Mapping[str, Value],
+    greatest: Mapping[str, Value],
+    least: Mapping[str, Value],
+    signal_only: bool,
+    count: int,
+    first_buffered: float,
+) -> Update:
+    """Build an :class:`Update` field by field, for backends decoding many stored rows.
+
+    Equal to ``Update(...)`` with the same arguments, but without the frozen dataclass's nine
+    ``object.__setattr__`` calls: about 1 us per row, a twentieth of a Redis drain's per-row
+    cost. Every field must be given; tests check the names against ``dataclasses.fields``.
+    """
+    update: Update = _new_object(Update)
+    state = update.__dict__
+    state["model"] = model
+    state["filters"] = filters
+    state["columns"] = columns
+    state["extra"] = extra
+    state["greatest"] = greatest
+    state["least"] = least
+    state["signal_only"] = signal_only
+    state["count"] = count
+    state["first_buffered"] = first_buffered
+    return update
+
+
 def _pick(
     a: Mapping[str, Value], b: Mapping[str, Value], keep_b: Callable[[Value, Value], bool]
 ) -> dict[str, Value]:

@@ -13,11 +13,14 @@ Key layout (``<prefix>:<version>:{<tag>}`` = one partition's *base*; the hash ta
 key a script touches in one Redis Cluster slot)::
 
     <base>:<model>:<digest>      row hash (c:/f: sums, e: extra, g:/G: greatest, l:/L: least,
-                                 _k canonical row key, _n count, _f first buffered ms, _s signal)
+                                 _k canonical row key, _n count, _f first buffered ms, _sn count
+                                 of signal-only updates: the row is signal-only when _sn == _n)
     <base>:~pending              zset member "<model>:<digest>", score first buffered ms
+    <base>:~f:<model>:<digest>   a claimed row hash until its batch is acknowledged (at most one
+                                 per row: a row whose older data is in flight is not claimed)
     <base>:~leases / ~retry      zsets of batch ids: lease expiry / retry time (ms)
-    <base>:~owner                hash member -> batch id holding the row's older data
-    <base>:~b:<id>, :~b:<id>:<i> batch record and its rows
+    <base>:~b:<id>               batch record (attempt, n, members, ...); :~b:<id>:1 the row of
+                                 a dead letter
     <base>:~dead                 zset of dead-lettered batch ids
     <base>:~stats                lifetime totals
 """
@@ -61,7 +64,14 @@ from updatebuffer.errors import (
 from updatebuffer.keys import KEY_VERSION, decode_row, encode_row, readable_model, row_digest
 from updatebuffer.registry import make_router
 from updatebuffer.routing import PartitionRouter
-from updatebuffer.update import Batch, BufferStats, FlushCallback, Update, merge_updates
+from updatebuffer.update import (
+    Batch,
+    BufferStats,
+    FlushCallback,
+    Update,
+    _unchecked_update,
+    merge_updates,
+)
 
 try:
     import redis
@@ -84,7 +94,7 @@ __all__ = ["RedisBuffer"]
 
 log = logging.getLogger(__name__)
 
-_SCRIPTS = ("incr", "claim", "reclaim", "ack", "fail", "replay", "purge")
+_SCRIPTS = ("incr", "claim", "reclaim", "ack", "fail", "replay", "purge", "get")
 _PREFIX = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 _MICRO = datetime.timedelta(microseconds=1)
@@ -209,7 +219,7 @@ def _raw_update_args(member: str, row: Mapping[bytes, bytes]) -> list[bytes | st
     args: list[bytes | str | int] = [
         member,
         row[b"_k"],
-        "1" if row.get(b"_s") == b"1" else "0",
+        "1" if row.get(b"_sn", b"") == row.get(b"_n") else "0",
         int(row.get(b"_n", b"1")),
         int(row[b"_f"]),
     ]
@@ -220,44 +230,63 @@ def _raw_update_args(member: str, row: Mapping[bytes, bytes]) -> list[bytes | st
     return args
 
 
+_UNDERSCORE, _SUM, _FSUM, _EXTRA, _MAX, _MIN = (ord(c) for c in "_cfegl")
+
+
 def _decode_row(raw: Sequence[bytes]) -> Update:
-    """Build an :class:`Update` from a row hash's HGETALL reply (a flat field/value list)."""
-    fields = dict(zip(raw[::2], raw[1::2], strict=True))
-    model, filters = decode_row(fields[b"_k"])
+    """Build an :class:`Update` from a row hash's HGETALL reply (a flat field/value list).
+
+    Runs once per flushed row, so fields are dispatched on their first byte without an
+    intermediate dict.
+    """
+    canonical = None
+    count = first = b"0"
+    signals = b""
     ints: dict[str, int] = {}
     floats: dict[str, float] = {}
     extra: dict[str, Value] = {}
     greatest: dict[str, Value] = {}
     least: dict[str, Value] = {}
-    for field, value in fields.items():
-        tag, sep, name_bytes = field.partition(b":")
-        if not sep:
-            continue
-        name = name_bytes.decode("utf-8")
-        if tag == b"c":
-            ints[name] = int(value)
-        elif tag == b"f":
-            floats[name] = float(value)
-        elif tag == b"e":
-            extra[name] = decode_value(value)
-        elif tag == b"g":
-            greatest[name] = decode_value(value)
-        elif tag == b"l":
-            least[name] = decode_value(value)
-    columns: dict[str, Number] = dict(ints)
+    for field, value in zip(raw[::2], raw[1::2], strict=True):
+        tag = field[0]
+        if tag == _UNDERSCORE:
+            if field == b"_k":
+                canonical = value
+            elif field == b"_n":
+                count = value
+            elif field == b"_f":
+                first = value
+            elif field == b"_sn":
+                signals = value
+        elif field[1:2] == b":":
+            name = field[2:].decode("utf-8")
+            if tag == _SUM:
+                ints[name] = int(value)
+            elif tag == _FSUM:
+                floats[name] = float(value)
+            elif tag == _EXTRA:
+                extra[name] = decode_value(value)
+            elif tag == _MAX:
+                greatest[name] = decode_value(value)
+            elif tag == _MIN:
+                least[name] = decode_value(value)
+    if canonical is None:
+        raise ValueError("corrupt row hash: no _k field")
+    model, filters = decode_row(canonical)
+    columns: dict[str, Number] = ints  # type: ignore[assignment]  # ints widen to Number
     for name, fsum in floats.items():
         # A float delta makes the column a float, like int + float in Python.
         columns[name] = float(ints.get(name, 0)) + fsum
-    return Update(
-        model=model,
-        filters=filters,
-        columns=columns,
-        extra=extra,
-        greatest=greatest,
-        least=least,
-        signal_only=fields.get(b"_s") == b"1",
-        count=int(fields.get(b"_n", b"1")),
-        first_buffered=int(fields[b"_f"]) / 1000.0,
+    return _unchecked_update(
+        model,
+        filters,
+        columns,
+        extra,
+        greatest,
+        least,
+        signals == count,
+        int(count),
+        int(first) / 1000.0,
     )
 
 
@@ -297,10 +326,6 @@ class _Partition:
     @property
     def retry(self) -> str:
         return f"{self.base}:~retry"
-
-    @property
-    def owner(self) -> str:
-        return f"{self.base}:~owner"
 
     @property
     def dead(self) -> str:
@@ -957,7 +982,7 @@ class RedisBuffer(_Closeable):
         while True:
             with self._errors("re-claiming a batch"):
                 reply = script(
-                    keys=[part.leases, part.retry, part.owner, part.dead, part.stats],
+                    keys=[part.leases, part.retry, part.dead, part.stats],
                     args=[
                         part.base,
                         int(self.lease * 1000),
@@ -990,7 +1015,7 @@ class RedisBuffer(_Closeable):
         batch_id = uuid.uuid4().hex
         with self._errors("claiming rows"):
             reply = self._script(part, "claim")(
-                keys=[part.pending, part.leases, part.owner, part.batch(batch_id)],
+                keys=[part.pending, part.leases, part.batch(batch_id)],
                 args=[part.base, batch_id, self.batch_size, cutoff_ms, int(self.lease * 1000)],
             )
         if reply is None:
@@ -1028,8 +1053,8 @@ class RedisBuffer(_Closeable):
             return 0
         with self._errors("acknowledging a batch"):
             self._script(part, "ack")(
-                keys=[part.batch(batch_id), part.leases, part.retry, part.owner, part.stats],
-                args=[batch_id],
+                keys=[part.batch(batch_id), part.leases, part.retry, part.stats],
+                args=[part.base, batch_id],
             )
         return len(batch)
 
@@ -1043,26 +1068,14 @@ class RedisBuffer(_Closeable):
         """
         canonical = encode_row(model, filters)
         part, member = self._locate(model, canonical)
-        client = part.client
-        parts: list[Update] = []
         with self._errors("reading a row"):
-            owner = client.hget(part.owner, member)
-            if owner is not None:
-                bkey = part.batch(owner.decode())
-                members = (client.hget(bkey, "members") or b"").decode().split("\n")
-                if member in members:
-                    raw = client.execute_command("HGETALL", f"{bkey}:{members.index(member) + 1}")
-                    if raw:
-                        parts.append(_decode_row(_flat(raw)))
-            raw = client.execute_command("HGETALL", f"{part.base}:{member}")
-            if raw:
-                parts.append(_decode_row(_flat(raw)))
+            in_flight, pending = self._script(part, "get")(
+                keys=[f"{part.base}:~f:{member}", f"{part.base}:{member}"]
+            )
+        parts = [_decode_row(raw) for raw in (in_flight, pending) if raw]
         if not parts:
             return None
-        merged = parts[0]
-        for later in parts[1:]:
-            merged = merge_updates(merged, later)
-        return merged
+        return parts[0] if len(parts) == 1 else merge_updates(parts[0], parts[1])
 
     def stats(self) -> BufferStats:
         """Return pending, in-flight and dead counts per partition and lifetime totals.

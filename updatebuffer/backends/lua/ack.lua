@@ -1,26 +1,18 @@
--- The flush callback returned: delete the batch. KEYS[1] batch key, KEYS[2] leases,
--- KEYS[3] retry, KEYS[4] owner, KEYS[5] stats. ARGV[1] batch id.
+-- The flush callback returned: delete the batch and its rows. KEYS[1] batch key, KEYS[2] leases,
+-- KEYS[3] retry, KEYS[4] stats. ARGV[1] base, ARGV[2] batch id.
 -- A late ack from a worker whose lease expired is harmless: the batch was applied (at least once)
 -- and a second ack finds nothing. Returns the rows deleted.
-local bkey, leases, retry, owner, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local id = ARGV[1]
-local n = tonumber(redis.call('HGET', bkey, 'n'))
-if not n or redis.call('HEXISTS', bkey, 'dead_at') == 1 then return 0 end
-local members = split_lines(redis.call('HGET', bkey, 'members'))
+local bkey, leases, retry, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local inflight, id = ARGV[1] .. ':~f:', ARGV[2]
+local meta = redis.call('HMGET', bkey, 'n', 'dead_at', 'members')
+local n = tonumber(meta[1])
+if not n or meta[2] then return 0 end
+local members = split_lines(meta[3])
 -- In chunks: unpack() is limited by the Lua C stack (~8000 values).
 for lo = 1, n, 1000 do
-  local hi = math.min(lo + 999, n)
-  local rows, names, mine = {}, {}, {}
-  for j = lo, hi do
-    rows[#rows + 1] = bkey .. ':' .. j
-    names[#names + 1] = members[j]
-  end
+  local rows = {}
+  for j = lo, math.min(lo + 999, n) do rows[#rows + 1] = inflight .. members[j] end
   redis.call('DEL', unpack(rows))
-  local owners = redis.call('HMGET', owner, unpack(names))
-  for k, o in ipairs(owners) do
-    if o == id then mine[#mine + 1] = names[k] end
-  end
-  if #mine > 0 then redis.call('HDEL', owner, unpack(mine)) end
 end
 redis.call('DEL', bkey)
 redis.call('ZREM', leases, id)

@@ -1,39 +1,38 @@
 -- Claim up to `limit` due rows of one partition into a new in-flight batch with a lease.
--- KEYS[1] pending, KEYS[2] leases, KEYS[3] owner, KEYS[4] batch key.
+-- KEYS[1] pending, KEYS[2] leases, KEYS[3] batch key.
 -- ARGV: base, batch id, limit, max score (ms; rows first buffered at or before it are due),
 --       lease ms.
--- Reading and removing a row is one atomic step here, so no update can slip between them.
--- Per page: one HMGET for the owners, one ZREM and one HSET for the claimed members; per row
--- only RENAME and HGETALL.
-local pending, leases, owner, bkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+-- Reading and removing a row is one atomic step here, so no update can slip between them. A
+-- claimed row hash moves to <base>:~f:<member> until its batch is acknowledged; per row that is
+-- one RENAMENX and one HGETALL, per page one ZREM.
+local pending, leases, bkey = KEYS[1], KEYS[2], KEYS[3]
 local base, id, limit, maxscore, lease = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local inflight = base .. ':~f:'
 local got, skipped = 0, 0
 local members, out = {}, {}
 while got < limit do
   local page = redis.call('ZRANGEBYSCORE', pending, '-inf', maxscore, 'LIMIT', skipped, math.min(limit - got, 1000))
   if #page == 0 then break end
-  -- A row whose older data is still in a live batch waits, so an older `extra` can never be
-  -- applied after a newer one.
-  local owned = redis.call('HMGET', owner, unpack(page))
-  local taken, owners = {}, {}
-  for i, m in ipairs(page) do
-    if owned[i] then
+  local gone = {}
+  for _, m in ipairs(page) do
+    local f = inflight .. m
+    -- RENAMENX refuses while the row's older data is still in flight: the row waits, so an
+    -- older `extra` can never be applied after a newer one.
+    local r = redis.pcall('RENAMENX', base .. ':' .. m, f)
+    if r == 1 then
+      got = got + 1
+      members[got] = m
+      gone[#gone + 1] = m
+      out[got] = redis.call('HGETALL', f)
+    elseif r == 0 then
       skipped = skipped + 1
     else
-      got = got + 1
-      local dst = bkey .. ':' .. got
-      redis.call('RENAME', base .. ':' .. m, dst)
-      members[got] = m
-      taken[#taken + 1] = m
-      owners[#owners + 1] = m
-      owners[#owners + 1] = id
-      out[got] = redis.call('HGETALL', dst)
+      -- No row hash behind the member (never written by these scripts): drop the member
+      -- instead of failing the claim of every other row.
+      gone[#gone + 1] = m
     end
   end
-  if #taken > 0 then
-    redis.call('ZREM', pending, unpack(taken))
-    redis.call('HSET', owner, unpack(owners))
-  end
+  if #gone > 0 then redis.call('ZREM', pending, unpack(gone)) end
 end
 if got == 0 then return nil end
 local now = now_ms()

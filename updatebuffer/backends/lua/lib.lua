@@ -103,11 +103,9 @@ local function merge_row(row, u, older)
   redis.call('HINCRBY', row, '_n', u.count)
   local first = tonumber(redis.call('HGET', row, '_f') or '')
   if not first or u.first < first then redis.call('HSET', row, '_f', u.first) end
-  if u.signal then
-    redis.call('HSETNX', row, '_s', '1')
-  else
-    redis.call('HSET', row, '_s', '0')
-  end
+  -- _sn counts signal-only updates: the row is signal-only while _sn equals _n, so an update
+  -- that is not signal-only never has to touch it.
+  if u.signal then redis.call('HINCRBY', row, '_sn', u.count) end
   return nil
 end
 
