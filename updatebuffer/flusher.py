@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from typing_extensions import Self
 
@@ -15,11 +15,22 @@ from updatebuffer.errors import ConfigurationError
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from updatebuffer.buffer import Buffer
-
-__all__ = ["Flusher"]
+__all__ = ["Flushable", "Flusher"]
 
 log = logging.getLogger(__name__)
+
+
+class Flushable(Protocol):
+    """What a :class:`Flusher` drives: every :class:`~updatebuffer.Buffer` is one."""
+
+    def process_pending(self) -> int:
+        """Flush what is due; return the rows flushed."""
+        ...
+
+    def drain(self) -> int:
+        """Flush everything now; return the rows flushed."""
+        ...
+
 
 _running: weakref.WeakSet[Flusher] = weakref.WeakSet()
 
@@ -53,7 +64,7 @@ class Flusher:
     """
 
     def __init__(
-        self, buffer: Buffer, *, interval: float = 1.0, name: str = "updatebuffer-flusher"
+        self, buffer: Flushable, *, interval: float = 1.0, name: str = "updatebuffer-flusher"
     ) -> None:
         given: object = interval  # checked at runtime: configs often come from untyped settings
         if isinstance(given, bool) or not isinstance(given, (int, float)) or given <= 0:

@@ -1,4 +1,8 @@
+import gc
+import os
 import threading
+import time
+import warnings
 
 import pytest
 import redis
@@ -7,6 +11,7 @@ import redis.cluster
 import updatebuffer
 from updatebuffer.backends.redis import RedisBuffer
 from updatebuffer.testing.contract import BufferContract, Recorder
+from updatebuffer.testing.servers import RedisServer
 
 pytestmark = pytest.mark.redis
 
@@ -317,4 +322,100 @@ def test_pending_member_without_row_is_dropped_not_fatal(redis_server, key_prefi
     assert buf.drain() == 1
     assert rec.total("n") in (1, 2)
     assert buf.stats().pending_rows == 0 and buf.stats().in_flight_batches == 0
+    buf.close()
+
+
+def _client_count(admin):
+    return len(admin.client_list())
+
+
+def test_fast_path_thread_connections_are_closed(key_prefix):
+    with RedisServer() as server:  # its own server: counts no other test's connections
+        _check_thread_connections_closed(server, key_prefix)
+
+
+def _check_thread_connections_closed(server, key_prefix):
+    with warnings.catch_warnings():  # earlier tests' unclosed clients are not this test's concern
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    admin = redis.Redis(port=server.port)
+    baseline = _client_count(admin)
+    rec = Recorder()
+    buf = RedisBuffer.from_url(server.url, flush=rec, key_prefix=key_prefix, delay=0)
+
+    def produce():
+        for i in range(200):
+            buf.incr("g", {"n": 1}, {"id": i % 5})
+
+    threads = [threading.Thread(target=produce) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Each producer thread had its own connection; a finished thread's one is collected.
+    gc.collect()
+    assert len(buf._thread_conns) == 0
+    buf.incr("g", {"n": 1}, {"id": 0})
+    assert len(buf._thread_conns) == 1
+    assert buf.drain() == 5 and rec.total("n") == 601
+    buf.close()
+    assert _client_count(admin) == baseline  # thread and pool connections closed
+    admin.close()
+
+
+def test_fast_path_reconnects_after_an_idle_connection_was_killed(redis_server, key_prefix):
+    admin = redis.Redis(port=redis_server.port)
+    rec = Recorder()
+    buf = RedisBuffer.from_url(redis_server.url, flush=rec, key_prefix=key_prefix, delay=0)
+    for i in range(20):
+        buf.incr("g", {"n": 1}, {"id": i % 3})
+        admin.client_kill_filter(_type="normal", skipme=True)  # e.g. the server's `timeout`
+    assert buf.drain() == 3 and rec.total("n") == 20
+    buf.close()
+    admin.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_uses_its_own_fast_path_connection(redis_server, key_prefix):
+    rec = Recorder()
+    buf = RedisBuffer.from_url(redis_server.url, flush=rec, key_prefix=key_prefix, delay=0)
+    buf.incr("g", {"n": 1}, {"id": 1})
+    inherited = buf._thread_conn(0)
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 1
+        try:
+            own = buf._thread_conn(0)
+            for _ in range(50):
+                buf.incr("g", {"n": 1}, {"id": 1})
+            code = 0 if own is not inherited else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    buf.incr("g", {"n": 1}, {"id": 1})  # the parent's connection still works
+    assert buf._thread_conn(0) is inherited
+    assert buf.drain() == 1 and rec.total("n") == 52
+    buf.close()
+
+
+def test_drain_waits_for_a_local_window_push_in_progress(redis_server, key_prefix):
+    rec = Recorder()
+    buf = RedisBuffer.from_url(
+        redis_server.url, flush=rec, key_prefix=key_prefix, delay=0, local_window=0.05
+    )
+    window = buf._window
+    push, entered = window._flush, threading.Event()
+
+    def slow_push(batch):
+        entered.set()
+        time.sleep(0.3)  # drain() below starts while the window's thread is in here
+        push(batch)
+
+    window._flush = slow_push
+    for i in range(100):
+        buf.incr("g", {"n": 1}, {"id": i % 10})
+    assert entered.wait(5)
+    assert buf.drain() == 10
+    assert rec.total("n") == 100
     buf.close()
