@@ -115,16 +115,21 @@ def decode_row(canonical: bytes) -> tuple[str, dict[str, Value]]:
         raise ValueError(f"unknown row key version {canonical[:1]!r}")
     # Called once per flushed row: one eager decode, then type() checks (bool is not a count).
     values = _decode_span(canonical, 1, -1)[0]
-    if len(values) < 2 or type(values[0]) is not str or type(values[1]) is not int:
+    size = len(values)
+    if size < 2:
         raise ValueError("corrupt row key header")
     model, count = values[0], values[1]
-    if len(values) != 2 + 2 * count:
+    if type(model) is not str or type(count) is not int:
+        raise ValueError("corrupt row key header")
+    if size != 2 + 2 * count:
         raise ValueError("corrupt row key: filter count does not match")
-    names = values[2::2]
-    for name in names:
+    filters: dict[str, Value] = {}
+    for i in range(2, size, 2):
+        name = values[i]
         if type(name) is not str:
             raise ValueError("corrupt row key: filter name is not a str")
-    return model, dict(zip(names, values[3::2], strict=True))  # type: ignore[arg-type]  # str checked
+        filters[name] = values[i + 1]
+    return model, filters
 
 
 def row_digest(canonical: bytes) -> str:
