@@ -121,12 +121,15 @@ AnyRedis = Any  # redis.Redis | redis.cluster.RedisCluster; redis-py's generics 
 
 
 def _load_sources() -> dict[str, str]:
+    """Return each script with lib.lua's helpers inserted at its ``-- @lib`` line, or on top."""
     folder = resources.files("updatebuffer.backends").joinpath("lua")
     lib = folder.joinpath("lib.lua").read_text(encoding="utf-8")
-    return {
-        name: lib + "\n" + folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
-        for name in _SCRIPTS
-    }
+    sources = {}
+    for name in _SCRIPTS:
+        text = folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+        head, marker, tail = text.partition("\n-- @lib")
+        sources[name] = f"{head}\n{lib}\n-- @lib{tail}" if marker else f"{lib}\n{text}"
+    return sources
 
 
 _SOURCES = _load_sources()

@@ -1,4 +1,4 @@
--- Shared helpers, prepended to every updatebuffer script.
+-- Shared helpers, inserted into every updatebuffer script (at its "-- @lib" line, else on top).
 -- Keys of one partition share the hash tag in `base` (<prefix>:<version>:{<tag>}), so every
 -- key a script touches lives in one Redis Cluster slot.
 
