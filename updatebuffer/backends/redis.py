@@ -244,8 +244,8 @@ def _decode_row(raw: Sequence[bytes]) -> Update:
     Runs once per flushed row, so fields are dispatched on their first byte without an
     intermediate dict.
     """
-    canonical = None
-    count = first = b"0"
+    canonical = first = None
+    count = b"1"
     signals = b""
     ints: dict[str, int] = {}
     floats: dict[str, float] = {}
@@ -275,8 +275,8 @@ def _decode_row(raw: Sequence[bytes]) -> Update:
                 greatest[name] = decode_value(value)
             elif tag == _MIN:
                 least[name] = decode_value(value)
-    if canonical is None:
-        raise ValueError("corrupt row hash: no _k field")
+    if canonical is None or first is None:
+        raise ValueError("corrupt row hash: no _k or no _f field")
     model, filters = decode_row(canonical)
     columns: dict[str, Number] = ints  # type: ignore[assignment]  # ints widen to Number
     for name, fsum in floats.items():
