@@ -59,22 +59,16 @@ local function merge_row(row, u, older)
       if s[2] then redis.call('HSET', row, s[1], s[2]) else redis.call('HDEL', row, s[1]) end
     end
   end
-  for _, item in ipairs(u.ints) do
-    local field = 'c:' .. item[1]
-    saved[#saved + 1] = { field, redis.call('HGET', row, field) }
-    local r = redis.pcall('HINCRBY', row, field, item[2])
-    if type(r) == 'table' and r.err then
-      restore()
-      return { 'overflow', field }
-    end
-  end
-  for _, item in ipairs(u.floats) do
-    local field = 'f:' .. item[1]
-    saved[#saved + 1] = { field, redis.call('HGET', row, field) }
-    local r = redis.pcall('HINCRBYFLOAT', row, field, item[2])
-    if type(r) == 'table' and r.err then
-      restore()
-      return { 'nonfinite', field }
+  for _, spec in ipairs({ { u.ints, 'c:', 'HINCRBY', 'overflow' },
+                          { u.floats, 'f:', 'HINCRBYFLOAT', 'nonfinite' } }) do
+    for _, item in ipairs(spec[1]) do
+      local field = spec[2] .. item[1]
+      saved[#saved + 1] = { field, redis.call('HGET', row, field) }
+      local r = redis.pcall(spec[3], row, field, item[2])
+      if type(r) == 'table' and r.err then
+        restore()
+        return { spec[4], field }
+      end
     end
   end
   -- 3. last write wins (unless this update is older than the row)
