@@ -53,7 +53,30 @@ def free_port() -> int:
             return port
 
 
-class ServerProcess:
+class _StartStop:
+    """``with`` support for test servers: ``__enter__`` starts, ``__exit__`` stops."""
+
+    def start(self) -> Self:
+        """Start and return ``self``."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop; safe to call more than once."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class ServerProcess(_StartStop):
     """A server child process on a 127.0.0.1 port, with a temporary directory it owns.
 
     Use a subclass as a context manager or call :meth:`start` and :meth:`stop`. The base class
@@ -152,17 +175,6 @@ class ServerProcess:
         self._terminate()
         self._reap()
         self._remove_dir()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- for subclasses: the directory ----------------------------------------------------------
 

@@ -35,7 +35,7 @@ import subprocess
 import time
 from typing import TYPE_CHECKING, BinaryIO, ClassVar, TypeAlias
 
-from updatebuffer.testing.process import HOST, ServerProcess, free_port
+from updatebuffer.testing.process import HOST, ServerProcess, _StartStop, free_port
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -499,7 +499,7 @@ def _stop_all(servers: Iterable[RedisServer]) -> None:
             server._remove_dir()
 
 
-class RedisNodes:
+class RedisNodes(_StartStop):
     """Several independent ``redis-server`` processes (N nodes for a partition router).
 
     :param n: how many servers to run.
@@ -552,19 +552,8 @@ class RedisNodes:
         """Stop every server and remove their directories."""
         _stop_all(self.servers)
 
-    def __enter__(self) -> Self:
-        return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-class RedisCluster:
+class RedisCluster(_StartStop):
     """A Redis Cluster of ``masters * (1 + replicas)`` local servers, created with ``redis-cli``.
 
     :meth:`start` launches the nodes with ``--cluster-enabled yes``, runs
@@ -675,17 +664,6 @@ class RedisCluster:
     def stop(self) -> None:
         """Stop every node and remove their directories."""
         _stop_all(self.servers)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _create(self, cli: str) -> None:
         command = [
