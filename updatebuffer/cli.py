@@ -604,11 +604,10 @@ def _inspect_errors() -> tuple[type[BaseException], ...]:
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
-    return (
-        text
-        if isinstance(exc, updatebuffer.UpdateBufferError)
-        else (f"{type(exc).__name__}: {text}")
-    )
+    if isinstance(exc, (updatebuffer.UpdateBufferError, _UserError)):
+        return text
+    # A driver's exception: its class name is often the only hint of what went wrong.
+    return f"{type(exc).__name__}: {text}"
 
 
 def _check_shared(url: str) -> None:
