@@ -344,3 +344,48 @@ def test_worker_backs_off_while_redis_is_down_and_recovers(tmp_path, capsys):
     recovered = [line for line in err.lines if "backend reachable again after" in line]
     assert len(recovered) == 1
     assert f"after {len(found)} failed attempts" in recovered[0]
+
+
+def test_worker_keeps_trying_to_connect_and_stops_on_sigterm(tmp_path):
+    """A cluster client connects when it is built: a worker started before its cluster is up
+    retries with the same backoff instead of exiting with a traceback."""
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "updatebuffer",
+            "worker",
+            f"redis+cluster://127.0.0.1:{free_port()}",
+            "--flush",
+            "json:dumps",
+            "--interval",
+            "0.1",
+            "--max-backoff",
+            "0.4",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    err = _Lines(worker.stderr)
+    try:
+        err.wait_for(
+            lambda lines: sum("connecting failed" in line for line in lines) >= 4, "4 retries"
+        )
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        out = worker.stdout.read()
+        worker.wait(timeout=30)
+        err.join()
+        worker.stdout.close()
+        worker.stderr.close()
+    assert worker.returncode == 0, "\n".join(err.lines)
+    assert out == "updatebuffer worker: stopped before connecting\n"
+    nominal = re.findall(
+        r"connecting failed \(\d+ in a row\): .*\(backoff ([\d.]+)s", "\n".join(err.lines)
+    )
+    assert nominal[:4] == ["0.10", "0.20", "0.40", "0.40"]
+    assert "Traceback" not in "\n".join(err.lines)
+    for line in err.lines:
+        assert _LOG_LINE.match(line), line
