@@ -140,8 +140,9 @@ def expected_prints(code: str) -> list[str]:
 
 def test_the_docs_have_the_blocks_this_module_expects():
     # Guards the parser: an empty list would make every test below pass vacuously.
-    counts = {path: sum(b.path == path for b in PYTHON_BLOCKS) for path in DOCS}
-    assert counts == {README: 2, PLUGIN_README: 2}
+    for path, least in ((README, 1), (PLUGIN_README, 2)):
+        runnable = [b.name for b in PYTHON_BLOCKS if b.path == path and not b.not_run]
+        assert len(runnable) >= least, (path, runnable)
     for path, expected in NOT_RUN.items():
         marked = [b.name for b in PYTHON_BLOCKS if b.path == path and b.not_run]
         assert len(marked) == expected, marked
