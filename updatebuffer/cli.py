@@ -569,7 +569,7 @@ def _load_flush(spec: str) -> updatebuffer.FlushCallback:
         for part in attr.split("."):
             target = getattr(target, part)
     except Exception as exc:  # any error in the user's module: one line
-        raise _UserError(f"--flush: cannot import {spec!r}: {type(exc).__name__}: {exc}") from None
+        raise _UserError(f"--flush: cannot import {spec!r}: {_one_line(exc)}") from None
     if not callable(target):
         raise _UserError(f"--flush: {spec!r} is not callable")
     flush: updatebuffer.FlushCallback = target
