@@ -1,6 +1,7 @@
 import sqlite3
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -158,3 +159,94 @@ def test_python_dash_m_help():
         assert proc.returncode == 0, proc.stderr
         assert "usage: updatebuffer" in proc.stdout
     assert "--hot-fraction" in proc.stdout
+
+
+def run_cli(*argv, cwd=None):
+    """Run ``python -m updatebuffer *argv`` in a child process; return (status, stdout, stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "updatebuffer", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=cwd,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_one_line_error(err, command, *fragments):
+    """A user error: exactly one line on stderr, naming the command, no traceback."""
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"updatebuffer {command}: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], err
+
+
+PER_PROCESS = [
+    ["worker", "direct://", "--flush", "json:dumps"],
+    ["worker", "memory://?delay=0", "--flush", "json:dumps"],
+    ["stats", "memory://"],
+    ["stats", "--json", "direct://"],
+    ["dead", "list", "memory://"],
+    ["dead", "replay", "direct://"],
+    ["dead", "purge", "memory://"],
+]
+
+
+@pytest.mark.parametrize("argv", PER_PROCESS, ids=lambda argv: " ".join(argv))
+def test_per_process_backends_are_refused(argv, capsys):
+    # memory:// and direct:// opened by the CLI would be a new, empty buffer of the CLI's own
+    # process: stats printed zeros and the worker waited forever (or crashed, direct://).
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    scheme = argv[-3 if argv[0] == "worker" else -1].partition(":")[0]
+    assert_one_line_error(err, argv[0], f"{scheme}:// keeps its buffer inside the process")
+
+
+def test_worker_direct_prints_one_line_not_a_traceback():
+    status, out, err = run_cli("worker", "direct://", "--flush", "json:dumps")
+    assert status == 2
+    assert out == ""
+    assert_one_line_error(err, "worker", "direct:// keeps its buffer inside the process")
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["stats", "nosuch://x"], "no updatebuffer backend named 'nosuch'"),
+        (["stats", "no-scheme-at-all"], "has no scheme"),
+        (["dead", "list", "memory://?bogus=1"], "memory://"),
+    ],
+)
+def test_url_mistakes_are_one_line(argv, fragment, capsys):
+    assert main(argv) == 2
+    assert_one_line_error(capsys.readouterr().err, argv[0], fragment)
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("no_such_module_xyz:flush", "ModuleNotFoundError: No module named 'no_such_module_xyz'"),
+        ("json:no_such_function", "AttributeError"),
+        ("json", "expected pkg.module:function"),
+        ("json:__name__", "is not callable"),
+        ("broken_at_import:flush", "RuntimeError: cannot configure the database"),
+    ],
+)
+def test_worker_bad_flush_spec_is_one_line(spec, fragment, tmp_path):
+    (tmp_path / "broken_at_import.py").write_text(
+        textwrap.dedent(
+            """
+            raise RuntimeError("cannot configure the database")
+            def flush(batch):
+                pass
+            """
+        )
+    )
+    status, out, err = run_cli("worker", "redis://127.0.0.1:1/0", "--flush", spec, cwd=tmp_path)
+    assert status == 2
+    assert out == ""
+    assert_one_line_error(err, "worker", "--flush", fragment)

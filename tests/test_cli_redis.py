@@ -1,16 +1,20 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
 
 import updatebuffer
 from updatebuffer.cli import main
+from updatebuffer.testing import servers
 from updatebuffer.testing.contract import Recorder
+from updatebuffer.testing.servers import free_port
 
 pytestmark = pytest.mark.redis
 
@@ -150,23 +154,51 @@ def test_dead_list_replay_purge(url, key_prefix, redis_server, capsys):
     assert "purged 0" in capsys.readouterr().out
 
 
-def test_dead_on_backend_without_dead_letters(capsys):
-    assert main(["dead", "list", "direct://"]) == 2
-    assert "keeps no dead letters" in capsys.readouterr().err
+def run_cli(*argv, cwd=None):
+    proc = subprocess.run(
+        [sys.executable, "-m", "updatebuffer", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=cwd,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
 
 
-def test_worker_bad_flush_spec(capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["worker", "memory://", "--flush", "no_such_module_xyz:flush"])
-    assert info.value.code == 2
-    assert "cannot import" in capsys.readouterr().err
+def assert_one_line_error(err, command, *fragments):
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"updatebuffer {command}: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], err
 
 
-def test_stats_unreachable_server_exits_1(capsys):
-    from updatebuffer.testing.servers import free_port
+@pytest.mark.parametrize("command", [["stats"], ["stats", "--json"], ["dead", "list"]])
+def test_unreachable_server_is_one_line(command):
+    dead = f"redis://127.0.0.1:{free_port()}/0?socket_timeout=0.5"
+    status, out, err = run_cli(*command, dead)
+    assert status == 1
+    assert out == ""
+    assert_one_line_error(err, command[0], "Connection refused")
 
-    assert main(["stats", f"redis://127.0.0.1:{free_port()}/0?socket_timeout=0.5"]) == 1
-    assert "updatebuffer stats:" in capsys.readouterr().err
+
+@pytest.mark.parametrize("command", [["stats"], ["dead", "list"]])
+def test_cluster_url_against_a_dead_node_is_one_line(command):
+    status, out, err = run_cli(*command, f"redis+cluster://127.0.0.1:{free_port()}")
+    assert status == 1
+    assert out == ""
+    assert_one_line_error(err, command[0], "Connection refused")
+
+
+@pytest.mark.parametrize("command", [["stats"], ["dead", "purge"]])
+def test_cluster_url_against_a_plain_node_is_one_line(redis_server, command):
+    url = f"redis+cluster://{redis_server.host}:{redis_server.port}"
+    status, out, err = run_cli(*command, url)
+    assert status == 1
+    assert out == ""
+    assert_one_line_error(err, command[0], "luster")
 
 
 def test_stats_survives_closed_pipe(url):
@@ -180,3 +212,180 @@ def test_stats_survives_closed_pipe(url):
         env={**os.environ},
     )
     assert "Traceback" not in proc.stderr
+
+
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<level>[A-Z]+) (?P<rest>.*)$")
+_RETRY = re.compile(
+    r"process_pending failed \((?P<n>\d+) in a row\): .*; retrying in (?P<wait>[\d.]+)s "
+    r"\(backoff (?P<nominal>[\d.]+)s, max 0.80s\)$"
+)
+
+
+class _Lines:
+    """Collect a child's stream line by line in a thread, so the test can wait for a line."""
+
+    def __init__(self, stream):
+        self.lines = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream):
+        for line in stream:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, predicate, what, timeout=60):
+        deadline = time.monotonic() + timeout
+        while not predicate(list(self.lines)):
+            assert time.monotonic() < deadline, f"no {what} in:\n" + "\n".join(self.lines)
+            time.sleep(0.05)
+
+    def join(self):
+        self._thread.join(timeout=30)
+
+
+def _flushed_total(path):
+    if not path.exists():
+        return 0
+    return sum(json.loads(line)[1] for line in path.read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_worker_backs_off_while_redis_is_down_and_recovers(tmp_path, capsys):
+    """Redis dies under a running worker and comes back: backoff doubles up to the cap, logged
+    with timestamps, and the worker flushes everything from before and after by itself."""
+    with servers.RedisServer(appendonly=True) as server:
+        url = f"{server.url}?key_prefix=backoff&delay=0"
+        (tmp_path / "recordflush.py").write_text(
+            textwrap.dedent(
+                """
+                import json
+                def flush(batch):
+                    with open("flushed.jsonl", "a") as f:
+                        for u in batch:
+                            f.write(json.dumps([u.filters["id"], u.columns["n"]]) + "\\n")
+                """
+            )
+        )
+        flushed = tmp_path / "flushed.jsonl"
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "updatebuffer",
+                "worker",
+                url,
+                "--flush",
+                "recordflush:flush",
+                "--interval",
+                "0.1",
+                "--max-backoff",
+                "0.8",
+            ],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        err = _Lines(worker.stderr)
+        try:
+            buf = updatebuffer.from_url(url, flush=Recorder())
+            for i in range(200):
+                buf.incr("g", {"n": 1}, {"id": i % 50})
+            buf.close()
+            deadline = time.monotonic() + 60
+            while _flushed_total(flushed) < 200 or _stats(url, capsys)["in_flight_rows"]:
+                assert time.monotonic() < deadline, _flushed_total(flushed)
+                time.sleep(0.05)
+
+            server.kill()
+
+            def retries(lines):
+                return [m for line in lines if (m := _RETRY.search(line))]
+
+            err.wait_for(lambda lines: len(retries(lines)) >= 7, "7 retries")
+            server.start()  # same port, same AOF: the acknowledged state is back
+            buf = updatebuffer.from_url(url, flush=Recorder())
+            for i in range(300):
+                buf.incr("g", {"n": 1}, {"id": i % 70})
+            buf.close()
+            err.wait_for(
+                lambda lines: any("backend reachable again after" in line for line in lines),
+                "recovery line",
+            )
+            deadline = time.monotonic() + 60
+            while _flushed_total(flushed) < 500:
+                assert time.monotonic() < deadline, _flushed_total(flushed)
+                time.sleep(0.05)
+            final = _stats(url, capsys)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            out = worker.stdout.read()
+            worker.wait(timeout=30)
+            err.join()
+            worker.stdout.close()
+            worker.stderr.close()
+    assert worker.returncode == 0, "\n".join(err.lines)
+    rows_written = len(flushed.read_text().splitlines())
+    assert f"stopped after flushing {rows_written:,} rows" in out
+    assert _flushed_total(flushed) == 500
+    assert final["pending_rows"] == 0 and final["in_flight_rows"] == 0
+
+    found = retries(err.lines)
+    # The first outage's failures count 1, 2, 3... and their nominal backoff doubles from
+    # --interval up to --max-backoff; the actual wait is jittered into [nominal/2, nominal].
+    first = found[:7]
+    assert [int(m["n"]) for m in first] == [1, 2, 3, 4, 5, 6, 7]
+    assert [float(m["nominal"]) for m in first] == [0.1, 0.2, 0.4, 0.8, 0.8, 0.8, 0.8]
+    for m in found:
+        assert float(m["nominal"]) / 2 <= float(m["wait"]) <= float(m["nominal"]), m[0]
+    # Every log line carries its time and level.
+    for line in err.lines:
+        assert _LOG_LINE.match(line), line
+    recovered = [line for line in err.lines if "backend reachable again after" in line]
+    assert len(recovered) == 1
+    assert f"after {len(found)} failed attempts" in recovered[0]
+
+
+def test_worker_keeps_trying_to_connect_and_stops_on_sigterm(tmp_path):
+    """A cluster client connects when it is built: a worker started before its cluster is up
+    retries with the same backoff instead of exiting with a traceback."""
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "updatebuffer",
+            "worker",
+            f"redis+cluster://127.0.0.1:{free_port()}",
+            "--flush",
+            "json:dumps",
+            "--interval",
+            "0.1",
+            "--max-backoff",
+            "0.4",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    err = _Lines(worker.stderr)
+    try:
+        err.wait_for(
+            lambda lines: sum("connecting failed" in line for line in lines) >= 4, "4 retries"
+        )
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        out = worker.stdout.read()
+        worker.wait(timeout=30)
+        err.join()
+        worker.stdout.close()
+        worker.stderr.close()
+    assert worker.returncode == 0, "\n".join(err.lines)
+    assert out == "updatebuffer worker: stopped before connecting\n"
+    nominal = re.findall(
+        r"connecting failed \(\d+ in a row\): .*\(backoff ([\d.]+)s", "\n".join(err.lines)
+    )
+    assert nominal[:4] == ["0.10", "0.20", "0.40", "0.40"]
+    assert "Traceback" not in "\n".join(err.lines)
+    for line in err.lines:
+        assert _LOG_LINE.match(line), line

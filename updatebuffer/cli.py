@@ -13,10 +13,17 @@ Commands:
 
 ``worker URL --flush pkg.module:function``
     A long-running flusher process for a shared (Redis) buffer; SIGTERM/SIGINT finish the batch
-    in hand and exit 0.
+    in hand and exit 0. While the backend is unreachable it retries with capped exponential
+    backoff and jitter, logging each failure with a timestamp, and carries on by itself once the
+    backend answers again.
 
 ``stats URL`` and ``dead list|replay|purge URL``
     Inspect the backlog and the dead letters of a shared buffer.
+
+``worker``, ``stats`` and ``dead`` refuse per-process backends (``memory://``, ``direct://``):
+their buffer lives inside the process that created it, which this command cannot reach. Every
+user error (bad URL, unknown backend, unreachable server, unimportable flush function) is one
+line on stderr and a non-zero exit status, never a traceback.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import dataclasses
 import datetime
 import decimal
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -55,6 +63,8 @@ _Handler = Callable[[argparse.Namespace], int]
 
 log = logging.getLogger(__name__)
 
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``updatebuffer`` command line.
@@ -67,6 +77,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     handler: _Handler = args.handler
+    # A worker runs for days: every log line (ours, the library's, the flush function's) needs
+    # its time. Installed on the root logger for this call only, so main() leaves no trace when
+    # a program or a test calls it in-process.
+    log_handler = logging.StreamHandler(sys.stderr)
+    log_handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    root = logging.getLogger()
+    previous_level = root.level
+    root.addHandler(log_handler)
+    if previous_level == logging.NOTSET or previous_level > logging.INFO:
+        root.setLevel(logging.INFO)
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -77,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # stdout at devnull so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        root.removeHandler(log_handler)
+        root.setLevel(previous_level)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -523,21 +546,32 @@ def _print_summary(results: Sequence[_PhaseResult]) -> None:
 # -- worker, stats, dead ---------------------------------------------------------------------
 
 
+class _UserError(Exception):
+    """A mistake the user can fix: printed as one line, exit status :attr:`status`."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def _load_flush(spec: str) -> updatebuffer.FlushCallback:
-    """Import ``pkg.module:function`` (the current directory is importable, as with ``-m``)."""
+    """Import ``pkg.module:function`` (the current directory is importable, as with ``-m``).
+
+    :raises _UserError: the spec is malformed, its import fails or it is not callable.
+    """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise argparse.ArgumentTypeError(f"expected pkg.module:function, got {spec!r}")
+        raise _UserError(f"--flush: expected pkg.module:function, got {spec!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         target: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
-        raise argparse.ArgumentTypeError(f"cannot import {spec!r}: {exc}") from None
+    except Exception as exc:  # any error in the user's module: one line
+        raise _UserError(f"--flush: cannot import {spec!r}: {_one_line(exc)}") from None
     if not callable(target):
-        raise argparse.ArgumentTypeError(f"{spec!r} is not callable")
+        raise _UserError(f"--flush: {spec!r} is not callable")
     flush: updatebuffer.FlushCallback = target
     return flush
 
@@ -547,8 +581,94 @@ def _refuse_flush(batch: updatebuffer.Batch) -> None:
     raise RuntimeError("this command does not flush batches")
 
 
+def _backend_errors() -> tuple[type[BaseException], ...]:
+    """Return the exceptions meaning "the backend could not be reached or refused the request".
+
+    The library wraps driver errors in :class:`~updatebuffer.BackendError`; redis-py's own
+    errors are listed too so that one escaping a code path that does not wrap it (building a
+    cluster client, say) is still reported as one line rather than a traceback.
+    """
+    errors: tuple[type[BaseException], ...] = (updatebuffer.BackendError,)
+    try:
+        import redis.exceptions  # optional: the "redis" extra
+    except ImportError:
+        return errors
+    # RedisClusterException (a cluster client that found no usable node) is not a RedisError.
+    return (*errors, redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
+
+
+def _inspect_errors() -> tuple[type[BaseException], ...]:
+    # Anything the library raises while a read-only command talks to the backend.
+    return (updatebuffer.UpdateBufferError, *_backend_errors())
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (updatebuffer.UpdateBufferError, _UserError)):
+        return text
+    # A driver's exception: its class name is often the only hint of what went wrong.
+    return f"{type(exc).__name__}: {text}"
+
+
+def _check_shared(url: str) -> None:
+    """Refuse a backend whose buffer lives only in the process that creates it.
+
+    ``memory://`` or ``direct://`` opened here would be a new, empty buffer of this process:
+    ``stats`` would print zeros and ``worker`` would wait forever for rows that the application's
+    own process holds.
+
+    :raises _UserError: the URL selects such a backend.
+    :raises UpdateBufferError: the URL or its backend is invalid.
+    """
+    from updatebuffer.backends.direct import DirectBuffer
+    from updatebuffer.backends.memory import MemoryBuffer
+    from updatebuffer.registry import backend_name_for_url, load_backend
+
+    name = backend_name_for_url(url)
+    cls = load_backend(name)
+    if issubclass(cls, (MemoryBuffer, DirectBuffer)):
+        raise _UserError(
+            f"{name}:// keeps its buffer inside the process that writes to it, out of reach "
+            "of this command; use a shared backend such as redis:// (or flush in-process with "
+            "updatebuffer.Flusher)"
+        )
+
+
 def _open(url: str, flush: updatebuffer.FlushCallback) -> updatebuffer.Buffer:
-    return updatebuffer.from_url(url, flush=flush)
+    """Open the shared buffer *url*.
+
+    :raises _UserError: a per-process backend, or an invalid URL or option (status 2), or an
+        unreachable backend (status 1).
+    """
+    try:
+        _check_shared(url)
+        return updatebuffer.from_url(url, flush=flush)
+    except updatebuffer.BackendError as exc:
+        raise _UserError(_one_line(exc), status=1) from None
+    except updatebuffer.UpdateBufferError as exc:
+        raise _UserError(_one_line(exc)) from None
+    except _backend_errors() as exc:
+        raise _UserError(_one_line(exc), status=1) from None
+
+
+def _reporting(command: str, run: _Handler) -> _Handler:
+    """Wrap a command so that a :class:`_UserError` becomes one line on stderr."""
+
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except _UserError as exc:
+            print(f"updatebuffer {command}: {exc}", file=sys.stderr)
+            return exc.status
+
+    return handler
+
+
+#: Worker backoff while the backend is unreachable: the first retry waits ``--interval`` (at
+#: least this long, so ``--interval 0`` cannot spin), each further failure doubles it, up to
+#: ``--max-backoff``.
+_MIN_BACKOFF = 0.1
+_DEFAULT_MAX_BACKOFF = 30.0
 
 
 def _add_worker(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -557,13 +677,15 @@ def _add_worker(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         help="flush a shared buffer (Redis) until stopped",
         description="Call process_pending() in a loop, handing due batches to the flush "
         "function. SIGTERM or SIGINT finishes the batch in hand, then exits with status 0. "
-        "Run as many workers as you like against one Redis: each batch goes to one of them.",
+        "Run as many workers as you like against one Redis: each batch goes to one of them. "
+        "While the backend is unreachable the worker retries with exponential backoff (from "
+        "--interval, doubling up to --max-backoff, each wait shortened by a random jitter of "
+        "up to half so that many workers do not reconnect in step) and resumes by itself.",
     )
     parser.add_argument("url", help="buffer URL, e.g. redis://127.0.0.1:6379/0?delay=5")
     parser.add_argument(
         "--flush",
         required=True,
-        type=_load_flush,
         metavar="MODULE:FUNCTION",
         help="the flush callback, e.g. myapp.buffers:flush (imported from the current "
         "directory too)",
@@ -573,43 +695,122 @@ def _add_worker(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         type=_seconds,
         default=1.0,
         metavar="SECONDS",
-        help="sleep when nothing was due (default: %(default)s)",
+        help="sleep when nothing was due; also the first retry delay when the backend is "
+        "unreachable (default: %(default)s)",
     )
-    parser.set_defaults(handler=_run_worker)
+    parser.add_argument(
+        "--max-backoff",
+        type=_seconds,
+        default=_DEFAULT_MAX_BACKOFF,
+        metavar="SECONDS",
+        help="longest wait between retries while the backend is unreachable (default: %(default)s)",
+    )
+    parser.set_defaults(handler=_reporting("worker", _run_worker))
+
+
+class _Backoff:
+    """Capped exponential backoff with jitter, for retrying an unreachable backend."""
+
+    def __init__(self, first: float, cap: float) -> None:
+        self._first = max(first, _MIN_BACKOFF)
+        self._cap = max(cap, self._first)
+        #: Consecutive failures so far.
+        self.failures = 0
+        self._since = 0.0
+
+    def fail(self, exc: BaseException, what: str) -> float:
+        """Record a failure, log it and return the seconds to wait before the next try."""
+        if self.failures == 0:
+            self._since = time.monotonic()
+        self.failures += 1
+        nominal = min(self._cap, self._first * 2 ** min(self.failures - 1, 64))
+        # "Equal jitter": wait between half and all of the nominal delay, so workers that lost
+        # the backend together do not all come back in the same instant.
+        wait: float = nominal * random.uniform(0.5, 1.0)
+        log.warning(
+            "%s failed (%d in a row): %s; retrying in %.2fs (backoff %.2fs, max %.2fs)",
+            what,
+            self.failures,
+            _one_line(exc),
+            wait,
+            nominal,
+            self._cap,
+        )
+        return wait
+
+    def succeed(self) -> None:
+        """Record a success; log the recovery if there were failures."""
+        if self.failures:
+            log.warning(
+                "backend reachable again after %d failed attempts over %.1fs",
+                self.failures,
+                time.monotonic() - self._since,
+            )
+            self.failures = 0
+
+
+def _takes_max_batches(buf: updatebuffer.Buffer) -> bool:
+    try:
+        return "max_batches" in inspect.signature(buf.process_pending).parameters
+    except (TypeError, ValueError):  # a callable without a signature (C extension)
+        return False
 
 
 def _run_worker(args: argparse.Namespace) -> int:
+    flush = _load_flush(args.flush)
     stop = threading.Event()
 
     def request_stop(signum: int, frame: object) -> None:
         log.info("signal %d: finishing the batch in hand, then exiting", signum)
         stop.set()
 
+    backoff = _Backoff(args.interval, args.max_backoff)
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        buf = _open(args.url, args.flush)
-    except updatebuffer.UpdateBufferError as exc:
-        print(f"updatebuffer worker: {exc}", file=sys.stderr)
-        return 2
-    print(f"updatebuffer worker: flushing {buf!r}; SIGTERM/SIGINT to stop", flush=True)
-    flushed = 0
-    try:
-        while not stop.is_set():
+        buf: updatebuffer.Buffer | None = None
+        while buf is None and not stop.is_set():
             try:
-                # One batch per call, so a stop request is honoured after the batch in hand.
-                rows = buf.process_pending(max_batches=1)  # type: ignore[call-arg]  # shared backends take it
-            except updatebuffer.BackendError as exc:
-                log.error("backend error, retrying in %.1fs: %s", args.interval, exc)
-                rows = 0
-            flushed += rows
-            if rows == 0:
-                stop.wait(args.interval)
+                buf = _open(args.url, flush)
+            except _UserError as exc:  # noqa: PERF203  # a retry loop; each try is a round trip
+                if exc.status != 1:  # a configuration mistake: retrying cannot help
+                    raise
+                stop.wait(backoff.fail(exc, "connecting"))
+        if buf is None:
+            print("updatebuffer worker: stopped before connecting", flush=True)
+            return 0
+        flushed = _work(buf, args.interval, stop, backoff)
     finally:
-        buf.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print(f"updatebuffer worker: stopped after flushing {flushed:,} rows", flush=True)
     return 0
+
+
+def _work(
+    buf: updatebuffer.Buffer, interval: float, stop: threading.Event, backoff: _Backoff
+) -> int:
+    print(f"updatebuffer worker: flushing {buf!r}; SIGTERM/SIGINT to stop", flush=True)
+    # One batch per call where the backend allows it, so a stop request is honoured after the
+    # batch in hand rather than after the whole backlog.
+    kwargs = {"max_batches": 1} if _takes_max_batches(buf) else {}
+    flushed = 0
+    try:
+        while not stop.is_set():
+            try:
+                rows = buf.process_pending(**kwargs)
+            except _backend_errors() as exc:
+                stop.wait(backoff.fail(exc, "process_pending"))
+                continue
+            backoff.succeed()
+            flushed += rows
+            if rows == 0:
+                stop.wait(interval)
+    finally:
+        try:
+            buf.close()
+        except _backend_errors() as exc:
+            raise _UserError(f"closing the buffer failed: {_one_line(exc)}", status=1) from None
+    return flushed
 
 
 def _add_stats(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -621,16 +822,15 @@ def _add_stats(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument("url", help="buffer URL, e.g. redis://127.0.0.1:6379/0")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(handler=_run_stats)
+    parser.set_defaults(handler=_reporting("stats", _run_stats))
 
 
 def _run_stats(args: argparse.Namespace) -> int:
     try:
         with _open(args.url, _refuse_flush) as buf:
             stats = buf.stats()
-    except updatebuffer.UpdateBufferError as exc:
-        print(f"updatebuffer stats: {exc}", file=sys.stderr)
-        return 1
+    except _inspect_errors() as exc:
+        raise _UserError(_one_line(exc), status=1) from None
     data = dataclasses.asdict(stats)
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
@@ -659,7 +859,7 @@ def _add_dead(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     parser.add_argument("action", choices=("list", "replay", "purge"))
     parser.add_argument("url", help="buffer URL, e.g. redis://127.0.0.1:6379/0")
     parser.add_argument("--json", action="store_true", help="'list' prints JSON")
-    parser.set_defaults(handler=_run_dead)
+    parser.set_defaults(handler=_reporting("dead", _run_dead))
 
 
 def _json_value(value: object) -> object:
@@ -674,8 +874,7 @@ def _run_dead(args: argparse.Namespace) -> int:
     try:
         with _open(args.url, _refuse_flush) as buf:
             if not isinstance(buf, updatebuffer.DeadLetterStore):
-                print(f"updatebuffer dead: {buf!r} keeps no dead letters", file=sys.stderr)
-                return 2
+                raise _UserError(f"{buf!r} keeps no dead letters")
             if args.action == "replay":
                 print(f"replayed {buf.replay_dead_letters():,} dead letters")
             elif args.action == "purge":
@@ -704,9 +903,8 @@ def _run_dead(args: argparse.Namespace) -> int:
                             f"error={row['error']}"
                         )
                     print(f"{len(rows):,} dead letters")
-    except updatebuffer.UpdateBufferError as exc:
-        print(f"updatebuffer dead: {exc}", file=sys.stderr)
-        return 1
+    except _inspect_errors() as exc:
+        raise _UserError(_one_line(exc), status=1) from None
     return 0
 
 
