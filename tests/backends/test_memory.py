@@ -146,6 +146,25 @@ def test_close_delivers_every_healthy_row_of_a_batch_with_a_bad_row(make_memory)
     assert (stats.pending_rows, stats.in_flight_rows, stats.dead_letters) == (0, 0, 1)
 
 
+def test_close_interrupted_by_the_callback_can_be_called_again(make_memory):
+    calls = []
+
+    def flush(batch):
+        calls.append(batch.attempt)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    buf = make_memory(flush, delay=3600, retry_backoff=3600)
+    buf.incr("g", {"n": 1}, {"id": 1})
+    with pytest.raises(KeyboardInterrupt):
+        buf.close()
+    with pytest.raises(updatebuffer.UpdateBufferError, match="closed"):
+        buf.incr("g", {"n": 1}, {"id": 2})
+    buf.close()
+    assert calls == [1, 2]
+    assert buf.stats().in_flight_rows == 0
+
+
 def test_close_timeout_bounds_close_while_the_callback_keeps_failing(make_memory):
     rec = Recorder(fail_times=10**9)
     buf = make_memory(rec, delay=3600, max_attempts=10**6, close_timeout=0.2)

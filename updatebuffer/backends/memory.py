@@ -238,6 +238,9 @@ class MemoryBuffer(_Closeable):
         self._busy: dict[Hashable, str] = {}
         self._dead: list[DeadLetter] = []
         self._closed = False
+        # Set once close() ran to its end; a close() interrupted (KeyboardInterrupt from the
+        # callback) can be called again and goes on delivering.
+        self._close_done = False
         # Updates accepted that are no longer in a pending row; stats() adds the pending rows'
         # counts, which keeps a counter update off the incr fast path.
         self._accepted = 0
@@ -647,12 +650,16 @@ class MemoryBuffer(_Closeable):
         when the process exits.
         """
         with self._lock:
-            if self._closed:
+            if self._close_done:
                 return
             self._closed = True
             self._room.notify_all()
         if self.drain_on_close:
             self._drain_for_close()
+        with self._lock:
+            if self._close_done:
+                return  # another thread's close() finished first and reported
+            self._close_done = True
         left = self.stats()
         if left.pending_rows or left.in_flight_rows or left.dead_letters:
             log.error(
