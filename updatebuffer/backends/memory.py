@@ -657,8 +657,6 @@ class MemoryBuffer(_Closeable):
         if self.drain_on_close:
             self._drain_for_close()
         with self._lock:
-            if self._close_done:
-                return  # another thread's close() finished first and reported
             self._close_done = True
         left = self.stats()
         if left.pending_rows or left.in_flight_rows or left.dead_letters:
