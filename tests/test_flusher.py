@@ -8,9 +8,11 @@ import threading
 import time
 
 import pytest
+import redis
 
 import updatebuffer
 from updatebuffer.backends.memory import MemoryBuffer
+from updatebuffer.backends.redis import RedisBuffer
 
 # Long enough for a stuck thread or child never to be mistaken for a slow one; only reached
 # when the test fails.
@@ -153,3 +155,30 @@ def test_forked_child_gets_its_own_running_thread_and_fresh_lock():
         flusher.stop()
         buf.close()
     assert [u.columns["n"] for b in parent_flush.applied for u in b] == [1]
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("window", [0, 0.01], ids=["redis", "redis-window"])
+def test_system_exit_from_the_callback_on_redis_keeps_the_flusher(redis_server, key_prefix, window):
+    flush = Flaky(SystemExit(1))
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    buf = RedisBuffer(
+        flush=flush,
+        client=client,
+        key_prefix=key_prefix,
+        delay=0,
+        retry_backoff=0.01,
+        local_window=window,
+    )
+    buf.incr("g", {"n": 4}, {"id": 1})
+    flusher = updatebuffer.Flusher(buf, interval=0.01).start()
+    try:
+        assert flush.done.wait(PATIENCE), "the flusher thread died with SystemExit"
+        assert flusher.running
+    finally:
+        flusher.stop()
+        buf.close()
+        client.close()
+    assert isinstance(flusher.last_error, SystemExit)
+    assert [attempt for _, attempt in flush.calls] == [1, 2]
+    assert [u.columns["n"] for b in flush.applied for u in b] == [4]
