@@ -43,7 +43,6 @@ def _after_fork_in_child() -> None:
         flusher._after_fork(restart=flusher.restart_after_fork)
 
 
-_hook_lock = threading.Lock()
 _hook_registered = False
 
 
@@ -51,11 +50,12 @@ def _register_fork_hook() -> None:
     # Registered at the first start(), not at import: after-fork hooks run in registration
     # order, and a restarted thread must find its buffer already reset by the buffer's own hook
     # (registered when its module was imported, necessarily before a Flusher could drive it).
+    # No lock (one could be inherited locked): two threads racing here register the hook twice,
+    # which is harmless, as Flusher._after_fork runs once per process.
     global _hook_registered
-    with _hook_lock:
-        if not _hook_registered and hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=_after_fork_in_child)
-            _hook_registered = True
+    if not _hook_registered and hasattr(os, "register_at_fork"):
+        _hook_registered = True
+        os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Flusher:

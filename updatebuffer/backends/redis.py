@@ -1414,7 +1414,8 @@ class RedisBuffer(_Closeable):
     def close(self) -> None:
         """Push the local window, optionally drain Redis, and close owned clients; idempotent.
 
-        ``incr`` is refused from the first call on. A close that fails leaves nothing lost:
+        ``incr`` is refused from the first call on. A close that fails loses nothing and may be
+        called again.
 
         :raises BackendError: Redis failed; rows of the local window that could not be pushed
             are kept in this process, and calling ``close()`` (or ``drain()``) again pushes them.
