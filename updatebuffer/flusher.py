@@ -75,7 +75,8 @@ class Flusher:
     whose batch the buffer keeps for redelivery) is logged, counted in :attr:`errors`, kept in
     :attr:`last_error`, and the loop goes on after *interval*.
 
-    After ``os.fork()`` a running flusher runs in the child too, on a thread of its own.
+    After ``os.fork()`` a running flusher runs in the child too, on a thread of its own (set
+    :attr:`restart_after_fork` to ``False`` to keep it in the parent only).
 
     :param buffer: the buffer to flush.
     :param interval: seconds to sleep when a call flushed nothing (default 1.0).

@@ -114,3 +114,18 @@ def test_drain_after_a_failed_close_pushes_and_flushes_the_window(key_prefix):
         assert _totals(rec.updates()) == {i: 10 for i in range(5)}
         buf.close()
         client.close()
+
+
+def test_exit_without_close_while_redis_is_down_reports_the_lost_rows(key_prefix):
+    # Nothing listens on the port: the exit push fails, and says so instead of losing silently.
+    url = f"redis://127.0.0.1:{servers.free_port()}/0?socket_timeout=2"
+    script = _PRODUCER.format(url=url, prefix=key_prefix, ending="")
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "at exit, without close(): 7 local-window rows could not be pushed" in done.stderr
