@@ -37,13 +37,25 @@ _running: weakref.WeakSet[Flusher] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     # Threads do not survive fork(): a child sees a Flusher that looks started but whose thread
-    # is gone. Mark it stopped so the child can start its own.
+    # is gone, and locks some parent thread may have held. Give each one fresh locks and, if it
+    # was running, a thread of the child's own: the child's buffer needs flushing too.
     for flusher in list(_running):
-        flusher._forget_thread()
+        flusher._after_fork(restart=flusher.restart_after_fork)
 
 
-if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_hook_registered = False
+
+
+def _register_fork_hook() -> None:
+    # Registered at the first start(), not at import: after-fork hooks run in registration
+    # order, and a restarted thread must find its buffer already reset by the buffer's own hook
+    # (registered when its module was imported, necessarily before a Flusher could drive it).
+    # No lock (one could be inherited locked): two threads racing here register the hook twice,
+    # which is harmless, as Flusher._after_fork runs once per process.
+    global _hook_registered
+    if not _hook_registered and hasattr(os, "register_at_fork"):
+        _hook_registered = True
+        os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Flusher:
@@ -57,6 +69,14 @@ class Flusher:
 
         with updatebuffer.Flusher(buf, interval=1.0):
             serve_forever()
+
+    Nothing stops the thread but :meth:`stop`: any exception from ``process_pending()``
+    (a backend outage, or a ``BaseException`` such as ``SystemExit`` from the flush callback,
+    whose batch the buffer keeps for redelivery) is logged, counted in :attr:`errors`, kept in
+    :attr:`last_error`, and the loop goes on after *interval*.
+
+    After ``os.fork()`` a running flusher runs in the child too, on a thread of its own (set
+    :attr:`restart_after_fork` to ``False`` to keep it in the parent only).
 
     :param buffer: the buffer to flush.
     :param interval: seconds to sleep when a call flushed nothing (default 1.0).
@@ -78,18 +98,26 @@ class Flusher:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._pid = os.getpid()
         #: Exceptions raised by ``process_pending`` are logged and counted here; the loop goes on.
         self.errors = 0
+        #: The latest exception raised by ``process_pending`` in the thread, or ``None``.
+        self.last_error: BaseException | None = None
+        #: Whether a flusher running at ``fork()`` starts a thread in the child (an owner that
+        #: must first reset its own state after fork starts it itself).
+        self.restart_after_fork = True
 
     def start(self) -> Self:
         """Start the thread; starting a running flusher is an error.
 
         :raises RuntimeError: the flusher is already running.
         """
+        _register_fork_hook()
         with self._lock:
             if self._thread is not None:
                 raise RuntimeError("Flusher already started")
             self._stopping = False
+            self._pid = os.getpid()
             self._wake.clear()
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
@@ -106,10 +134,17 @@ class Flusher:
         while not self._stopping:
             try:
                 flushed = self.buffer.process_pending()
-            except Exception:
-                # A backend outage must not kill the thread: log, back off, try again.
+            except BaseException as exc:  # the thread must outlive any error
+                # A backend outage, or SystemExit/KeyboardInterrupt raised by the flush callback
+                # (its batch is kept for redelivery), must not end background flushing for
+                # good: log, back off, try again.
                 self.errors += 1
-                log.exception("process_pending() failed; retrying in %.3fs", self.interval)
+                self.last_error = exc
+                log.error(
+                    "process_pending() failed; retrying in %.3fs",
+                    self.interval,
+                    exc_info=(type(exc), exc, exc.__traceback__),
+                )
                 flushed = 0
             if flushed == 0 and not self._stopping:
                 self._wake.wait(self.interval)
@@ -135,10 +170,22 @@ class Flusher:
         if drain:
             self.buffer.drain()
 
-    def _forget_thread(self) -> None:
+    def _after_fork(self, *, restart: bool) -> None:
+        """In a forked child: fresh locks, no inherited thread; *restart* the loop if it ran.
+
+        Guarded by the pid, so the owner of a flusher and the module hook may both call it.
+        """
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        was_running = self._thread is not None and not self._stopping
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread = None
+        self.errors = 0
+        self.last_error = None
+        if was_running and restart:
+            self.start()
 
     def __enter__(self) -> Self:
         return self.start()

@@ -87,8 +87,10 @@ def test_overflow_block_times_out_then_succeeds_after_flush(make_memory):
 
     t = threading.Thread(target=blocked)
     t.start()
-    time.sleep(0.05)
-    assert not done.is_set()
+    deadline = time.monotonic() + 30
+    while not buf._room._waiters and time.monotonic() < deadline:  # blocked in incr now
+        time.sleep(0.001)
+    assert buf._room._waiters and not done.is_set()
     buf.drain()
     t.join(5)
     assert done.is_set()
@@ -113,11 +115,109 @@ def test_overflow_flush_waits_when_every_row_is_busy(make_memory):
 
 def test_close_keeps_failed_rows_and_logs(make_memory, caplog):
     rec = Recorder(fail_times=100)
-    buf = make_memory(rec, delay=3600)
+    buf = make_memory(rec, delay=3600, max_attempts=3)
     buf.incr("g", {"n": 1}, {"id": 1})
     buf.close()
     assert "not flushed" in caplog.text
+    assert buf.stats().in_flight_rows == 0
+    [letter] = buf.dead_letters()
+    assert (letter.update.filters, letter.update.columns, letter.attempts) == (
+        {"id": 1},
+        {"n": 1},
+        3,
+    )
+
+
+def test_close_delivers_every_healthy_row_of_a_batch_with_a_bad_row(make_memory):
+    # One batch of 20 rows, one of them poisonous, and a backoff close() must not wait for.
+    rec = Recorder(poison=(("g", {"id": 13}),))
+    buf = make_memory(rec, delay=3600, max_attempts=3, retry_backoff=3600, close_timeout=60)
+    for i in range(20):
+        buf.incr("g", {"n": i + 1}, {"id": i}, extra={"tag": f"t{i}"})
+    buf.close()
+    assert sorted((u.filters["id"], u.columns["n"], u.extra["tag"]) for u in rec.updates()) == [
+        (i, i + 1, f"t{i}") for i in range(20) if i != 13
+    ]
+    [letter] = buf.dead_letters()  # still readable after close
+    assert (letter.update.filters, letter.update.columns, letter.update.extra) == (
+        {"id": 13},
+        {"n": 14},
+        {"tag": "t13"},
+    )
+    stats = buf.stats()
+    assert (stats.pending_rows, stats.in_flight_rows, stats.dead_letters) == (0, 0, 1)
+
+
+def test_close_interrupted_by_the_callback_can_be_called_again(make_memory):
+    calls = []
+
+    def flush(batch):
+        calls.append(batch.attempt)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    buf = make_memory(flush, delay=3600, retry_backoff=3600)
+    buf.incr("g", {"n": 1}, {"id": 1})
+    with pytest.raises(KeyboardInterrupt):
+        buf.close()
+    with pytest.raises(updatebuffer.UpdateBufferError, match="closed"):
+        buf.incr("g", {"n": 1}, {"id": 2})
+    buf.close()
+    assert calls == [1, 2]
+    assert buf.stats().in_flight_rows == 0
+
+
+def test_close_timeout_bounds_close_while_the_callback_keeps_failing(make_memory):
+    rec = Recorder(fail_times=10**9)
+    buf = make_memory(rec, delay=3600, max_attempts=10**6, close_timeout=0.2)
+    buf.incr("g", {"n": 1}, {"id": 1})
+    buf.close()  # returns: the rows stay in flight, readable, for a later drain()
     assert buf.stats().in_flight_rows == 1
+    rec.fail_times = 0
+    assert buf.drain() == 1
+    assert rec.total("n") == 1
+
+
+def test_batch_finishing_wakes_an_incr_waiting_for_room(make_memory):
+    # max_rows=1 and the only pending row has older data in a batch being delivered: an incr of
+    # a new row can neither add it nor flush the busy row, so it waits. When that batch is
+    # acknowledged, the waiting incr must wake, flush the row and go on; before, it slept until
+    # block_timeout and raised BufferFullError.
+    gate, entered = threading.Event(), threading.Event()
+    applied = []
+
+    def flush(batch):
+        entered.set()
+        gate.wait()
+        applied.extend((u.filters["id"], u.columns["n"]) for u in batch)
+
+    buf = make_memory(flush, delay=3600, max_rows=1, block_timeout=30)
+    buf.incr("g", {"n": 1}, {"id": 1})
+    flusher = threading.Thread(target=buf.drain)
+    flusher.start()
+    assert entered.wait(60)
+    buf.incr("g", {"n": 2}, {"id": 1})  # pending again, its older data in flight
+    errors = []
+
+    def produce():
+        try:
+            buf.incr("g", {"n": 3}, {"id": 2})
+        except Exception as exc:  # recorded, asserted below
+            errors.append(exc)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    deadline = time.monotonic() + 60
+    while not buf._room._waiters and time.monotonic() < deadline:  # it is waiting now
+        time.sleep(0.001)
+    assert buf._room._waiters
+    gate.set()
+    flusher.join(60)
+    producer.join(60)
+    assert not producer.is_alive()
+    assert errors == []
+    buf.drain()
+    assert sorted(applied) == [(1, 1), (1, 2), (2, 3)]
 
 
 def test_close_without_drain(make_memory):
@@ -162,10 +262,13 @@ def test_forked_child_starts_empty_and_does_not_deadlock(make_memory):
     with buf._lock:  # held at fork time: the child must not inherit a locked lock
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
-            ok = buf.stats().pending_rows == 0
-            buf.incr("g", {"n": 1}, {"id": 2})
-            ok = ok and buf.stats().pending_rows == 1
-            os._exit(0 if ok else 1)
+            code = 1
+            try:
+                ok = buf.stats().pending_rows == 0
+                buf.incr("g", {"n": 1}, {"id": 2})
+                code = 0 if ok and buf.stats().pending_rows == 1 else 2
+            finally:
+                os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert buf.stats().pending_rows == 1

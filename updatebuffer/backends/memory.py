@@ -57,6 +57,7 @@ __all__ = ["MemoryBuffer"]
 log = logging.getLogger(__name__)
 
 _OVERFLOW = ("flush", "block", "raise")
+_FIRST_CLOSE_PAUSE = 0.01
 
 
 class _Row:
@@ -160,6 +161,9 @@ class MemoryBuffer(_Closeable):
     :param retry_backoff: seconds before the first redelivery; doubles per attempt, jittered.
     :param retry_backoff_max: cap of the redelivery backoff.
     :param drain_on_close: whether :meth:`close` drains pending rows (default true).
+    :param close_timeout: seconds :meth:`close` keeps redelivering and splitting failed batches
+        (ignoring their backoff) so that every healthy row is delivered and only rows failing
+        alone are left, as dead letters (default 5).
     """
 
     #: Typed options accepted in the URL query or as keywords.
@@ -173,6 +177,7 @@ class MemoryBuffer(_Closeable):
         "retry_backoff": duration(0.5),
         "retry_backoff_max": duration(60.0),
         "drain_on_close": boolean(True),
+        "close_timeout": duration(5.0),
     }
 
     def __init__(
@@ -188,6 +193,7 @@ class MemoryBuffer(_Closeable):
         retry_backoff: float = 0.5,
         retry_backoff_max: float = 60.0,
         drain_on_close: bool = True,
+        close_timeout: float = 5.0,
     ) -> None:
         if not callable(flush):
             raise ConfigurationError(f"flush must be callable, got {type(flush).__qualname__}")
@@ -205,6 +211,7 @@ class MemoryBuffer(_Closeable):
                 "retry_backoff": retry_backoff,
                 "retry_backoff_max": retry_backoff_max,
                 "drain_on_close": drain_on_close,
+                "close_timeout": close_timeout,
             },
         )
         self._flush = flush
@@ -217,6 +224,7 @@ class MemoryBuffer(_Closeable):
         self.retry_backoff: float = checked["retry_backoff"]
         self.retry_backoff_max: float = checked["retry_backoff_max"]
         self.drain_on_close: bool = checked["drain_on_close"]
+        self.close_timeout: float = checked["close_timeout"]
         self._init_state()
         _instances.add(self)
 
@@ -230,6 +238,9 @@ class MemoryBuffer(_Closeable):
         self._busy: dict[Hashable, str] = {}
         self._dead: list[DeadLetter] = []
         self._closed = False
+        # Set once close() ran to its end; a close() interrupted (KeyboardInterrupt from the
+        # callback) can be called again and goes on delivering.
+        self._close_done = False
         # Updates accepted that are no longer in a pending row; stats() adds the pending rows'
         # counts, which keeps a counter update off the incr fast path.
         self._accepted = 0
@@ -484,6 +495,8 @@ class MemoryBuffer(_Closeable):
             for key in flight.keys:
                 if self._busy.get(key) == flight.id:
                     del self._busy[key]
+            # Its rows' newer data may be claimed now: an incr waiting for room can flush it.
+            self._room.notify_all()
             self._flushed += len(flight.updates)
             if flight.attempt > 1:
                 self._retries += 1
@@ -502,6 +515,8 @@ class MemoryBuffer(_Closeable):
             flight.running = False
             return
         del self._flights[flight.id]
+        # Dead-lettered or split, the batch is finished: wake an incr waiting for room.
+        self._room.notify_all()
         if len(flight.updates) == 1:
             key = flight.keys[0]
             if self._busy.get(key) == flight.id:
@@ -602,19 +617,47 @@ class MemoryBuffer(_Closeable):
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Stop accepting updates and, if *drain_on_close*, drain; idempotent.
+    def _drain_for_close(self) -> None:
+        deadline = time.monotonic() + self.close_timeout
+        pause = _FIRST_CLOSE_PAUSE
+        before: set[str] = set()
+        while True:
+            flushed = self.drain()
+            with self._lock:
+                # A batch another thread is delivering finishes there; waiting for it is that
+                # thread's (or its Flusher.stop()'s) business.
+                failed = {f.id for f in self._flights.values() if not f.running}
+                waiting = bool(self._pending) or bool(failed)
+            remaining = deadline - time.monotonic()
+            if not waiting or remaining <= 0:
+                return
+            # Each round is one more attempt of every failed batch, so splitting goes on without
+            # a pause while it makes progress; a callback failing for every row (its database
+            # is down) is not hammered in between.
+            if flushed or failed != before:
+                pause = _FIRST_CLOSE_PAUSE
+            else:
+                pause = _close_pause(pause, remaining)
+            before = failed
 
-        Rows whose flush keeps failing stay in :meth:`dead_letters` / in-flight state and are
-        logged as an error: they are lost when the process exits.
+    def close(self) -> None:
+        """Stop accepting updates and, if *drain_on_close*, deliver what is left; idempotent.
+
+        For up to *close_timeout* seconds failed batches are redelivered without backoff and
+        split, so every row that can be delivered is, and a row failing alone ends as a dead
+        letter, still readable through :meth:`dead_letters` after close. Rows left in flight
+        when the time is up (the callback keeps failing) are logged as an error: they are lost
+        when the process exits.
         """
         with self._lock:
-            if self._closed:
+            if self._close_done:
                 return
             self._closed = True
             self._room.notify_all()
         if self.drain_on_close:
-            self.drain()
+            self._drain_for_close()
+        with self._lock:
+            self._close_done = True
         left = self.stats()
         if left.pending_rows or left.in_flight_rows or left.dead_letters:
             log.error(
@@ -624,6 +667,12 @@ class MemoryBuffer(_Closeable):
                 left.in_flight_rows,
                 left.dead_letters,
             )
+
+
+def _close_pause(pause: float, remaining: float) -> float:
+    """Sleep before the next close round (bounded by what is left); return the next pause."""
+    time.sleep(max(0.0, min(pause, remaining)))
+    return min(pause * 2, 0.5)
 
 
 def _merge_into(

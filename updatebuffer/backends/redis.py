@@ -27,6 +27,7 @@ key a script touches in one Redis Cluster slot)::
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import decimal
 import logging
@@ -448,13 +449,47 @@ def _without_retries(clients: list[AnyRedis]) -> list[AnyRedis]:
     return out
 
 
-# Bumped in a forked child: per-thread connections of the parent must not be used there.
+# Bumped in a forked child: per-thread connections of the parent must not be used there, and
+# a local window's thread must be started again.
 _fork_generation = 0
+_instances: weakref.WeakSet[RedisBuffer] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
     global _fork_generation
     _fork_generation += 1
+    for buffer in list(_instances):
+        buffer._reset_locks_after_fork()
+
+
+def _push_windows_at_exit() -> None:
+    # Last resort for a process that exits without close(): push what its local windows hold.
+    for buffer in list(_instances):
+        buffer._push_window_at_exit()
+
+
+class _ExitHooks:
+    """Registers the exit push once per process tree: atexit, and multiprocessing's exit."""
+
+    registered = False
+
+    @classmethod
+    def register(cls) -> None:
+        if cls.registered:
+            return
+        cls.registered = True
+        atexit.register(_push_windows_at_exit)
+        # A multiprocessing worker ends with os._exit(): atexit never runs there, its own
+        # finalizers do. Registered now, run in every worker forked later.
+        import multiprocessing.util  # only processes with a local window need it
+
+        multiprocessing.util.register_after_fork(cls, _ExitHooks._in_worker)
+
+    @staticmethod
+    def _in_worker(_: object) -> None:
+        import multiprocessing.util
+
+        multiprocessing.util.Finalize(None, _push_windows_at_exit, exitpriority=10)
 
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
@@ -553,8 +588,11 @@ class RedisBuffer(_Closeable):
         rows are buffered strands them: drain first.
     :param key_prefix: prefix of every key (default ``ub``).
     :param socket_timeout: seconds before a Redis call fails with :class:`BackendError`.
-    :param local_window: seconds of process-local pre-aggregation (default 0 = off). Updates in
-        the window are lost if the process dies before a push; see the README.
+    :param local_window: seconds of process-local pre-aggregation (default 0 = off). The window
+        is pushed by a thread of its own (one per process, also in a forked child), by
+        :meth:`drain`, by :meth:`close`, and at a normal interpreter or multiprocessing-worker
+        exit without close; updates in it are lost if the process is killed before a push; see
+        the README.
     :param retry_backoff: seconds before the first redelivery of a failed batch (doubles).
     :param retry_backoff_max: cap of the redelivery backoff.
     :param drain_on_close: whether :meth:`close` drains Redis too (default false: Redis keeps the
@@ -638,6 +676,8 @@ class RedisBuffer(_Closeable):
         self.drain_on_close: bool = opts["drain_on_close"]
         self._url = mask_url(_url) if _url else None
         self._closed = False
+        # Set once close() finished without losing anything; a failed close() can be repeated.
+        self._close_done = False
         self._close_lock = threading.Lock()
 
         if client is not None and hosts is not None:
@@ -717,8 +757,10 @@ class RedisBuffer(_Closeable):
         self._window_flusher: Flusher | None = None
         # Held while the window is flushed (pushed to Redis), by its thread or by drain().
         self._window_lock = threading.Lock()
+        self._window_generation = _fork_generation
         if self.local_window > 0:
             self._start_window()
+        _instances.add(self)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -937,6 +979,8 @@ class RedisBuffer(_Closeable):
                     _raise_if_refused(reply)
                     return
         if self._window is not None:
+            if self._window_generation != _fork_generation:
+                self._restart_window_after_fork()
             # Values Redis cannot order must be refused now, not at push time, where the
             # window would retry the whole push forever.
             for what, values in (("greatest", greatest), ("least", least)):
@@ -1027,7 +1071,63 @@ class RedisBuffer(_Closeable):
             _LockedWindow(self._window, self._window_lock),
             interval=self.local_window,
             name="updatebuffer-local-window",
-        ).start()
+        )
+        # In a forked child the thread starts with the child's first incr (see
+        # _restart_window_after_fork), once every after-fork reset has run.
+        self._window_flusher.restart_after_fork = False
+        self._window_flusher.start()
+        _ExitHooks.register()
+
+    def _reset_locks_after_fork(self) -> None:
+        # A parent thread may have held any of these at fork() (a push in progress holds the
+        # window lock for its round trip): the child must not inherit them locked. The child's
+        # window is empty (MemoryBuffer's own reset): the parent pushes what it held.
+        self._close_lock = threading.Lock()
+        self._thread_conns_lock = threading.Lock()
+        self._thread_conns = weakref.WeakSet()
+        self._window_lock = threading.Lock()
+        if self._window_flusher is not None:
+            self._window_flusher.buffer = _LockedWindow(
+                cast("MemoryBuffer", self._window), self._window_lock
+            )
+
+    def _restart_window_after_fork(self) -> None:
+        flusher = cast("Flusher", self._window_flusher)
+        with self._close_lock:
+            if self._window_generation == _fork_generation:
+                return  # another thread did
+            self._window_generation = _fork_generation
+            if not self._closed:
+                flusher._after_fork(restart=False)
+                flusher.start()
+
+    def _push_window(self) -> None:
+        """Push every row of the local window to Redis now, ignoring delay and backoff.
+
+        :raises BackendError: some rows could not be pushed; they stay in the window.
+        """
+        window = cast("MemoryBuffer", self._window)
+        with self._window_lock:
+            window.drain()
+            left = window.stats()
+        kept = left.pending_rows + left.in_flight_rows + left.dead_letters
+        if kept:
+            raise BackendError(
+                f"{kept} local-window rows could not be pushed to Redis{self._where()}; they "
+                "are kept in this process: call close() or drain() again once Redis is back"
+            )
+
+    def _where(self) -> str:
+        return f" at {self._url}" if self._url else ""
+
+    def _push_window_at_exit(self) -> None:
+        # Also after a close() that failed: this is the rows' last chance.
+        if self._window is None or self._close_done:
+            return
+        try:
+            self._push_window()
+        except BackendError as exc:
+            log.error("at exit, without close(): %s; they are lost now", exc)
 
     # -- flushing ----------------------------------------------------------------------------
 
@@ -1312,23 +1412,32 @@ class RedisBuffer(_Closeable):
     # -- lifecycle ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Push the local window, optionally drain Redis, and close owned clients; idempotent."""
+        """Push the local window, optionally drain Redis, and close owned clients; idempotent.
+
+        ``incr`` is refused from the first call on. A close that fails loses nothing and may be
+        called again.
+
+        :raises BackendError: Redis failed; rows of the local window that could not be pushed
+            are kept in this process, and calling ``close()`` (or ``drain()``) again pushes them.
+        """
         with self._close_lock:
-            if self._closed:
+            if self._close_done:
                 return
             self._closed = True
-        try:
-            if self._window_flusher is not None:
-                self._window_flusher.stop(drain=True)
-            if self._window is not None:
-                self._window.close()
-            if self.drain_on_close:
-                self._run(drain=True)
-        finally:
-            with self._thread_conns_lock:
-                conns = list(self._thread_conns)
-            for conn in conns:
-                conn.disconnect()
+            try:
+                if self._window_flusher is not None:
+                    self._window_flusher.stop(drain=False)
+                if self._window is not None:
+                    self._push_window()
+                    self._window.close()
+                if self.drain_on_close:
+                    self._run(drain=True)
+            finally:
+                with self._thread_conns_lock:
+                    conns = list(self._thread_conns)
+                for conn in conns:
+                    conn.disconnect()
+            self._close_done = True
             if self._owned:
                 for c in self._clients:
                     c.close()

@@ -1,0 +1,131 @@
+"""The local window's lifecycle: exit without close(), close() while Redis is down, drain()."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+
+import pytest
+import redis
+
+import updatebuffer
+from updatebuffer.backends.redis import RedisBuffer
+from updatebuffer.testing import servers
+from updatebuffer.testing.contract import Recorder
+
+pytestmark = pytest.mark.redis
+
+
+def _totals(updates) -> Counter:
+    got: Counter = Counter()
+    for u in updates:
+        got[u.filters["id"]] += u.columns["n"]
+    return got
+
+
+def _flush_all(url: str, key_prefix: str) -> Counter:
+    """Everything the buffer under *key_prefix* holds in Redis, delivered by a fresh buffer."""
+    rec = Recorder()
+    with updatebuffer.from_url(url, flush=rec, key_prefix=key_prefix, delay=0) as reader:
+        reader.drain()
+    return _totals(rec.updates())
+
+
+_PRODUCER = """
+import sys, updatebuffer
+
+def flush(batch):
+    raise AssertionError("never flushes here")
+
+buf = updatebuffer.from_url({url!r}, flush=flush, key_prefix={prefix!r}, delay=3600,
+                            local_window=3600)
+for i in range(300):
+    buf.incr("g", {{"n": 1}}, {{"id": i % 7}}, extra={{"i": i}})
+{ending}
+"""
+
+
+@pytest.mark.parametrize(
+    ("ending", "code"),
+    [
+        ("", 0),  # falls off the end of the script
+        ("sys.exit(3)", 3),
+        ("raise RuntimeError('unhandled')", 1),
+    ],
+    ids=["normal-exit", "sys-exit", "unhandled-exception"],
+)
+def test_exit_without_close_pushes_the_window(redis_server, key_prefix, ending, code):
+    script = _PRODUCER.format(url=redis_server.url, prefix=key_prefix, ending=ending)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == code, done.stderr
+    expected = Counter({i: len(range(i, 300, 7)) for i in range(7)})
+    assert _flush_all(redis_server.url, key_prefix) == expected
+
+
+def test_close_while_redis_is_down_raises_and_keeps_the_window(key_prefix):
+    servers.skip_or_fail_without_redis()
+    with servers.RedisServer() as server:
+        rec = Recorder()
+        buf = RedisBuffer(
+            flush=rec,
+            client=redis.Redis(host=server.host, port=server.port, socket_timeout=2),
+            key_prefix=key_prefix,
+            delay=3600,
+            local_window=3600,
+        )
+        for i in range(50):
+            buf.incr("g", {"n": 1}, {"id": i % 5})
+        server.kill()
+        with pytest.raises(updatebuffer.BackendError, match="5 local-window rows"):
+            buf.close()
+        with pytest.raises(updatebuffer.BackendError):  # still down: still refused, still kept
+            buf.close()
+        with pytest.raises(updatebuffer.UpdateBufferError, match="closed"):
+            buf.incr("g", {"n": 1}, {"id": 0})
+        server.start()
+        buf.close()  # pushes the kept rows now
+        buf.close()  # and is idempotent once it succeeded
+        assert _flush_all(server.url, key_prefix) == {i: 10 for i in range(5)}
+
+
+def test_drain_after_a_failed_close_pushes_and_flushes_the_window(key_prefix):
+    servers.skip_or_fail_without_redis()
+    with servers.RedisServer() as server:
+        rec = Recorder()
+        client = redis.Redis(host=server.host, port=server.port, socket_timeout=2)
+        buf = RedisBuffer(
+            flush=rec, client=client, key_prefix=key_prefix, delay=3600, local_window=3600
+        )
+        for i in range(50):
+            buf.incr("g", {"n": 1}, {"id": i % 5})
+        server.kill()
+        with pytest.raises(updatebuffer.BackendError):
+            buf.close()
+        server.start()
+        assert buf.drain() == 5
+        assert _totals(rec.updates()) == {i: 10 for i in range(5)}
+        buf.close()
+        client.close()
+
+
+def test_exit_without_close_while_redis_is_down_reports_the_lost_rows(key_prefix):
+    # Nothing listens on the port: the exit push fails, and says so instead of losing silently.
+    url = f"redis://127.0.0.1:{servers.free_port()}/0?socket_timeout=2"
+    script = _PRODUCER.format(url=url, prefix=key_prefix, ending="")
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "at exit, without close(): 7 local-window rows could not be pushed" in done.stderr
