@@ -486,6 +486,37 @@ def _direct_pool(client: AnyRedis) -> Any:
     return None
 
 
+class _ThreadConns:
+    """One thread's fast-path connections, disconnected as soon as the thread ends.
+
+    Only the thread's ``threading.local`` holds it and it refers to nothing that refers back,
+    so CPython frees it by reference counting when it clears the thread's locals at thread
+    exit: the sockets close then, not whenever the garbage collector gets to them (a host
+    that starts many short-lived threads would otherwise pile up server connections).
+    """
+
+    __slots__ = ("conns", "generation")
+
+    def __init__(self, nodes: int) -> None:
+        self.conns: list[Any] = [None] * nodes
+        self.generation = _fork_generation
+
+    def __del__(self) -> None:
+        for conn in self.conns:
+            if conn is not None:
+                # Interpreter shutdown or a half-closed socket must not print a traceback.
+                with suppress(Exception):
+                    conn.disconnect()
+
+
+def _is_connected(conn: Any) -> bool:
+    """Whether a redis-py connection holds an open socket."""
+    try:
+        return bool(conn.is_connected)
+    except AttributeError:  # redis-py < 8 has no is_connected; its socket attribute says so
+        return conn._sock is not None
+
+
 def _resp_command(client: AnyRedis, args: Sequence[str | bytes | int], count: int) -> bytes:
     """RESP-encode the first arguments of a *count*-argument command, with the client's encoder."""
     encode = client.get_encoder().encode
@@ -710,7 +741,7 @@ class RedisBuffer(_Closeable):
         self._idents: dict[tuple[Any, ...], tuple[_Partition, tuple[Any, ...], bytes]] = {}
         self._direct_pools = [_direct_pool(c) for c in clients]
         self._local = threading.local()
-        # Every per-thread connection, for close(); a finished thread's one is collected.
+        # Every per-thread connection, for close(); a finished thread's ones close at its exit.
         self._thread_conns: weakref.WeakSet[Any] = weakref.WeakSet()
         self._thread_conns_lock = threading.Lock()
         self._window: MemoryBuffer | None = None
@@ -845,18 +876,17 @@ class RedisBuffer(_Closeable):
         Never shared between threads, so a command and its reply need no pool checkout; redis-py
         disconnects it on any error or interruption mid-command, so no stale reply is ever read.
         """
-        state = self._local.__dict__
-        conns = state.get("conns")
-        if conns is None or state["generation"] != _fork_generation:
-            conns = state["conns"] = [None] * len(self._clients)
-            state["generation"] = _fork_generation
+        held = self._local.__dict__.get("held")
+        if held is None or held.generation != _fork_generation:
+            held = self._local.held = _ThreadConns(len(self._clients))
+        conns = held.conns
         conn = conns[node]
         if conn is None:
             pool = self._direct_pools[node]
             conn = conns[node] = pool.connection_class(**pool.connection_kwargs)
             with self._thread_conns_lock:
                 self._thread_conns.add(conn)
-        elif conn.is_connected:
+        elif _is_connected(conn):
             # As the pool does on checkout: a connection the server closed while it was idle
             # (its `timeout`, CLIENT KILL, a restart) reconnects now instead of failing the
             # next incr.
