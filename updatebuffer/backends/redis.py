@@ -403,6 +403,13 @@ def _no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
+# redis-py before 6 retries a cluster command `cluster_error_retry_attempts` times whatever
+# `retry` says (6 made `retry` govern it and deprecated the argument).
+_CLUSTER_NO_RETRY: dict[str, int] = (
+    {"cluster_error_retry_attempts": 0} if int(redis.__version__.split(".")[0]) < 6 else {}
+)
+
+
 def _without_retries(clients: list[AnyRedis]) -> list[AnyRedis]:
     """Return retry-free clients with the injected clients' connection settings.
 
@@ -421,7 +428,7 @@ def _without_retries(clients: list[AnyRedis]) -> list[AnyRedis]:
                 kwargs["ssl"] = True
             out.append(
                 redis.cluster.RedisCluster(
-                    host=node.host, port=node.port, retry=_no_retry(), **kwargs
+                    host=node.host, port=node.port, retry=_no_retry(), **_CLUSTER_NO_RETRY, **kwargs
                 )
             )
             continue
@@ -515,6 +522,22 @@ def _is_connected(conn: Any) -> bool:
         return bool(conn.is_connected)
     except AttributeError:  # redis-py < 8 has no is_connected; its socket attribute says so
         return conn._sock is not None
+
+
+def _close_client(client: AnyRedis) -> None:
+    """Close a client the buffer owns, with every connection of its pools.
+
+    ``close()`` alone leaves the pools' connections open until garbage collection in redis-py
+    before 6 (and for a cluster's node clients), which the server counts as clients.
+    """
+    if isinstance(client, redis.cluster.RedisCluster):
+        nodes = client.get_nodes()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        pools = [n.redis_connection.connection_pool for n in nodes if n.redis_connection]
+    else:
+        pools = [client.connection_pool]
+    client.close()
+    for pool in pools:
+        pool.disconnect()
 
 
 def _resp_command(client: AnyRedis, args: Sequence[str | bytes | int], count: int) -> bytes:
@@ -810,7 +833,7 @@ class RedisBuffer(_Closeable):
                 conn["db"] = db
             try:
                 if "+cluster" in scheme:
-                    client = redis.cluster.RedisCluster.from_url(plain, **conn)
+                    client = redis.cluster.RedisCluster.from_url(plain, **conn, **_CLUSTER_NO_RETRY)
                 else:
                     client = redis.Redis.from_url(plain, **conn)
             except (ValueError, redis.exceptions.RedisError) as exc:
@@ -1361,7 +1384,7 @@ class RedisBuffer(_Closeable):
                 conn.disconnect()
             if self._owned:
                 for c in self._clients:
-                    c.close()
+                    _close_client(c)
 
 
 class _LockedWindow:
