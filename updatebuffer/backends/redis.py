@@ -405,7 +405,7 @@ def _no_retry() -> Retry:
 
 # redis-py before 6 retries a cluster command `cluster_error_retry_attempts` times whatever
 # `retry` says (6 made `retry` govern it and deprecated the argument).
-_CLUSTER_NO_RETRY: dict[str, int] = (
+_CLUSTER_NO_RETRY: dict[str, Any] = (
     {"cluster_error_retry_attempts": 0} if int(redis.__version__.split(".")[0]) < 6 else {}
 )
 
