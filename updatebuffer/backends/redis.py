@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import re
+import ssl
 import threading
 import uuid
 import weakref
@@ -41,7 +42,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, ClassVar, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from typing_extensions import Self
 
@@ -115,7 +116,11 @@ _HOST_KEYS = {
     "ssl_cert_reqs",
     "socket_timeout",
     "socket_connect_timeout",
+    "protocol",
 }
+
+# RedisClusterException (no cluster at the URL, no reachable node) is no RedisError.
+_REDIS_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
 
 AnyRedis = Any  # redis.Redis | redis.cluster.RedisCluster; redis-py's generics vary by version
 
@@ -472,10 +477,11 @@ def _direct_pool(client: AnyRedis) -> Any:
     """Return the pool whose settings the ``incr`` fast path may copy, or ``None``.
 
     The fast path sends a pre-packed command on a connection its thread keeps (no pool checkout,
-    no command packing: about a third of a sync ``incr``'s client time). Only plain RESP2
-    TCP/TLS/Unix connections qualify; anything redis-py manages further (cluster routing,
-    Sentinel, client-side caching, credential providers that re-authenticate, RESP3 push
-    messages) keeps going through ``execute_command``.
+    no command packing). Plain TCP/TLS/Unix connections qualify, over RESP2 or RESP3 alike (the
+    connection negotiates the client's protocol, redis-py's default of its version, and reads
+    the reply with the matching parser); anything redis-py manages further (cluster routing,
+    Sentinel, client-side caching, credential providers that re-authenticate) keeps going
+    through ``execute_command``.
     """
     if isinstance(client, redis.cluster.RedisCluster):
         return None
@@ -487,7 +493,6 @@ def _direct_pool(client: AnyRedis) -> Any:
         in (redis.Connection, redis.SSLConnection, redis.UnixDomainSocketConnection)
         and getattr(pool, "cache", None) is None
         and kwargs.get("credential_provider") is None
-        and kwargs.get("protocol") in (None, 2, "2")
     ):
         return pool
     return None
@@ -557,6 +562,29 @@ def _validated_hosts(hosts: object) -> object:
 
 def _parse_hosts(text_value: str) -> Any:
     raise ValueError("hosts cannot be given in a URL; pass hosts={0: {...}} as an option")
+
+
+_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def _check_cert_reqs(value: object) -> str:
+    """Return ``ssl_cert_reqs`` as the name redis-py accepts in every version."""
+    if isinstance(value, ssl.VerifyMode):
+        return {mode: name for name, mode in _CERT_REQS.items()}[value]
+    if isinstance(value, str) and value.lower() in _CERT_REQS:
+        return value.lower()
+    raise ValueError("must be none, optional or required (or an ssl.VerifyMode)")
+
+
+def _check_protocol(value: object) -> int:
+    if value in (2, 3) and not isinstance(value, bool):
+        return value
+    raise ValueError("must be 2 or 3")
+
+
+def _parse_protocol(text_value: str) -> int:
+    return _check_protocol(int(text_value, 10))
 
 
 def _check_router(value: object) -> object:
@@ -631,6 +659,15 @@ class RedisBuffer(_Closeable):
         "router": Option(_check_router, _check_router, "crc32", "crc32 | ketama | router"),
         "hosts": Option(_parse_hosts, _validated_hosts, None, "{0: {...}, 1: {...}}"),
         "db": count(None, minimum=0),
+        # TLS (rediss://), redis-py's names: a private CA, a client certificate, verification.
+        "ssl_ca_certs": text(None),
+        "ssl_certfile": text(None),
+        "ssl_keyfile": text(None),
+        "ssl_cert_reqs": Option(
+            _check_cert_reqs, _check_cert_reqs, None, "none | optional | required"
+        ),
+        # RESP version; by default redis-py's (RESP2 before redis-py 8, RESP3 from 8).
+        "protocol": Option(_parse_protocol, _check_protocol, None, "2 | 3"),
     }
 
     def __init__(
@@ -814,15 +851,26 @@ class RedisBuffer(_Closeable):
             "socket_connect_timeout": timeout,
             "retry": _no_retry(),
         }
-        plain = urlunsplit(
-            (
-                scheme.replace("+cluster", "").replace("redis+unix", "unix"),
-                parts.netloc,
-                parts.path,
-                "",
-                "",
+        # Connection settings of the URL's own server (a client or hosts= entry has its own).
+        server = {k: v for k in ("protocol", *_TLS_OPTIONS) if (v := opts.pop(k)) is not None}
+        if server and (client is not None or hosts is not None):
+            raise ConfigurationError(
+                f"{', '.join(server)} apply to the URL's server only: set them on the injected "
+                "client or in each hosts= entry",
+                option=next(iter(server)),
             )
-        )
+        tls = [k for k in server if k in _TLS_OPTIONS]
+        if tls and not scheme.startswith("rediss"):
+            raise ConfigurationError(
+                f"{', '.join(tls)} need a rediss:// or rediss+cluster:// URL (TLS), "
+                f"not {mask_url(url)}",
+                option=tls[0],
+            )
+        conn.update(server)
+        # Not urlunsplit: it drops the "//" of an empty host (unix:/path), which redis-py
+        # refuses; redis+unix:///path.sock and redis+unix://localhost/path.sock both mean a path.
+        plain_scheme = scheme.replace("+cluster", "").replace("redis+unix", "unix")
+        plain = f"{plain_scheme}://{parts.netloc}{parts.path}"
         owned = False
         if client is None and hosts is None:
             if not parts.netloc and not parts.path.strip("/"):
@@ -836,7 +884,7 @@ class RedisBuffer(_Closeable):
                     client = redis.cluster.RedisCluster.from_url(plain, **conn, **_CLUSTER_NO_RETRY)
                 else:
                     client = redis.Redis.from_url(plain, **conn)
-            except (ValueError, redis.exceptions.RedisError) as exc:
+            except (ValueError, *_REDIS_ERRORS) as exc:
                 raise BackendError(f"cannot connect to {mask_url(url)}: {exc}") from exc
             owned = True
         return cls(flush=flush, client=client, hosts=hosts, _url=url, _owned=owned, **opts)
@@ -852,7 +900,7 @@ class RedisBuffer(_Closeable):
     def _errors(self, doing: str) -> Iterator[None]:
         try:
             yield
-        except redis.exceptions.RedisError as exc:
+        except _REDIS_ERRORS as exc:
             where = self._url or "redis"
             raise BackendError(f"redis error while {doing} ({where}): {exc}") from exc
 
