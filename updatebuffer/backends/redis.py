@@ -602,9 +602,13 @@ class RedisBuffer(_Closeable):
 
         redis://[[user]:password@]host[:port][/db][?option=value...]
         rediss://...                      (TLS)
-        redis+unix:///path/to/redis.sock?db=0
+        redis+unix:///path/to/redis.sock?db=0   (or redis+unix://localhost/path/to/redis.sock)
         redis+cluster://host:port         (Redis Cluster; any node as seed)
         rediss+cluster://host:port        (Redis Cluster over TLS)
+
+    Besides the options below, a URL (or ``from_url`` keywords) may set the connection's
+    ``db``, ``protocol`` (2 or 3) and, for TLS, redis-py's ``ssl_ca_certs``, ``ssl_certfile``,
+    ``ssl_keyfile`` and ``ssl_cert_reqs`` (``none`` | ``optional`` | ``required``).
 
     Example configuration::
 
