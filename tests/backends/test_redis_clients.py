@@ -15,6 +15,7 @@ from updatebuffer.backends.redis import RedisBuffer
 from updatebuffer.errors import BackendError, ConfigurationError
 from updatebuffer.testing.contract import BufferContract, Recorder
 from updatebuffer.testing.servers import (
+    RedisCluster,
     RedisServer,
     TLSFiles,
     free_port,
@@ -296,3 +297,32 @@ def test_tls_options_need_rediss_and_the_urls_own_server(redis_server, tls_files
             "rediss://", flush=Recorder(), client=client, ssl_ca_certs=tls_files["ca"]
         )
     client.close()
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tls_files):
+    skip_or_fail_without_redis(cluster=True)
+    tls = TLSFiles(tls_files["server"], tls_files["server"], tls_files["ca"])
+    with RedisCluster(masters=3, tls=tls) as cluster:
+        yield cluster
+
+
+@pytest.mark.redis_cluster
+def test_rediss_cluster_with_private_ca(tls_cluster, tls_files, key_prefix):
+    rec = Recorder()
+    buf = updatebuffer.from_url(
+        f"{tls_cluster.tls_url}?delay=0&key_prefix={key_prefix}",
+        flush=rec,
+        ssl_ca_certs=tls_files["ca"],
+        ssl_cert_reqs="required",
+    )
+    # Every master is reached over TLS (the cluster tells a TLS client its nodes' TLS ports).
+    nodes = buf._clients[0].get_nodes()
+    assert sorted(n.port for n in nodes) == sorted(s.tls_port for s in tls_cluster.servers)
+    for i in range(200):
+        buf.incr("g", {"n": 1}, {"id": i % 40})
+    buf.incr("g", {"n": 1, "x": 0.5}, {"id": 0})
+    assert buf.drain() == 40 and rec.total("n") == 201
+    assert all(s.execute("DBSIZE") > 0 for s in tls_cluster.servers)  # rows on every master
+    buf.close()
+    assert RedisCluster().tls_url is None

@@ -628,6 +628,8 @@ class RedisCluster(_StartStop):
     :param extra_args: extra arguments for every node, after the cluster ones.
     :param startup_timeout: passed to every :class:`RedisServer`.
     :param ready_timeout: seconds to wait for ``redis-cli`` and for the cluster to converge.
+    :param tls: every node also listens with TLS (:attr:`tls_url`) and the nodes talk TLS to
+        each other; ``redis-cli`` and the readiness checks keep the plain ports.
     :raises ValueError: if ``masters`` is less than 3 or ``replicas`` is negative.
     """
 
@@ -640,6 +642,7 @@ class RedisCluster(_StartStop):
         extra_args: Sequence[str] = (),
         startup_timeout: float = 10.0,
         ready_timeout: float = 60.0,
+        tls: TLSFiles | None = None,
     ) -> None:
         if masters < 3:
             raise ValueError(
@@ -665,11 +668,18 @@ class RedisCluster(_StartStop):
             # join; here that only delays every replica's first sync.
             "--repl-diskless-sync-delay",
             "0",
+            # With TLS the nodes announce their TLS ports to TLS clients (plain ones to plain
+            # clients) and their bus listens at the TLS port + 10000.
+            *(("--tls-cluster", "yes", "--tls-replication", "yes") if tls else ()),
             *extra_args,
         )
+        self.tls = tls
         self.servers: list[RedisServer] = [
             RedisServer(
-                appendonly=appendonly, extra_args=node_args, startup_timeout=startup_timeout
+                appendonly=appendonly,
+                extra_args=node_args,
+                startup_timeout=startup_timeout,
+                tls=tls,
             )
             for _ in range(masters * (1 + replicas))
         ]
@@ -699,6 +709,12 @@ class RedisCluster(_StartStop):
     def url(self) -> str:
         """The ``redis+cluster://127.0.0.1:PORT`` URL of the first node."""
         return f"redis+cluster://{self.host}:{self.port}"
+
+    @property
+    def tls_url(self) -> str | None:
+        """The ``rediss+cluster://127.0.0.1:TLS_PORT`` URL of the first node, or ``None``."""
+        port = self.servers[0].tls_port
+        return None if port is None else f"rediss+cluster://{self.host}:{port}"
 
     def start(self) -> Self:
         """Start the nodes, create the cluster and wait until it is ready; return the cluster.
