@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from updatebuffer.testing.servers import (
     RedisNotAvailableError,
     RedisServer,
     RedisStartupError,
+    TLSFiles,
     free_port,
     skip_or_fail_without_redis,
 )
@@ -320,3 +322,47 @@ def test_cluster_with_replicas():
         assert roles == ["master"] * 3 + ["slave"] * 3
         pids = [node.pid for node in clu.servers]
     assert not any(map(_pid_alive, pids))
+
+
+def _ping(sock: socket.socket) -> bytes:
+    sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+    return sock.recv(64)
+
+
+@pytest.mark.redis
+def test_unixsocket_listens_in_the_servers_directory():
+    skip_or_fail_without_redis()
+    with RedisServer(unixsocket=True) as srv:
+        path = srv.unix_socket_path
+        assert path == os.path.join(srv.dir, "redis.sock")
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(path)
+            assert _ping(sock) == b"+PONG\r\n"
+    assert not os.path.exists(path)
+    assert RedisServer().unix_socket_path is None
+
+
+@pytest.mark.redis
+def test_tls_port_speaks_tls_with_the_given_certificate(tmp_path):
+    trustme = pytest.importorskip("trustme")
+    skip_or_fail_without_redis()
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "server.pem")
+    )
+    files = TLSFiles(
+        str(tmp_path / "server.pem"), str(tmp_path / "server.pem"), str(tmp_path / "ca.pem")
+    )
+    with RedisServer(tls=files) as srv:
+        assert srv.tls_port not in (None, srv.port)
+        assert srv.tls_url == f"rediss://127.0.0.1:{srv.tls_port}/0"
+        assert srv.execute("PING") == "PONG"  # the plain port stays open
+        context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        with (
+            socket.create_connection((srv.host, srv.tls_port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+        ):
+            assert _ping(sock) == b"+PONG\r\n"
+    assert RedisServer().tls_url is None

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import re
+import ssl
 import threading
 import uuid
 import weakref
@@ -42,7 +43,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, ClassVar, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from typing_extensions import Self
 
@@ -116,7 +117,11 @@ _HOST_KEYS = {
     "ssl_cert_reqs",
     "socket_timeout",
     "socket_connect_timeout",
+    "protocol",
 }
+
+# RedisClusterException (no cluster at the URL, no reachable node) is no RedisError.
+_REDIS_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
 
 AnyRedis = Any  # redis.Redis | redis.cluster.RedisCluster; redis-py's generics vary by version
 
@@ -404,6 +409,13 @@ def _no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
+# redis-py before 6 retries a cluster command `cluster_error_retry_attempts` times whatever
+# `retry` says (6 made `retry` govern it and deprecated the argument).
+_CLUSTER_NO_RETRY: dict[str, Any] = (
+    {"cluster_error_retry_attempts": 0} if int(redis.__version__.split(".")[0]) < 6 else {}
+)
+
+
 def _without_retries(clients: list[AnyRedis]) -> list[AnyRedis]:
     """Return retry-free clients with the injected clients' connection settings.
 
@@ -422,7 +434,7 @@ def _without_retries(clients: list[AnyRedis]) -> list[AnyRedis]:
                 kwargs["ssl"] = True
             out.append(
                 redis.cluster.RedisCluster(
-                    host=node.host, port=node.port, retry=_no_retry(), **kwargs
+                    host=node.host, port=node.port, retry=_no_retry(), **_CLUSTER_NO_RETRY, **kwargs
                 )
             )
             continue
@@ -500,10 +512,11 @@ def _direct_pool(client: AnyRedis) -> Any:
     """Return the pool whose settings the ``incr`` fast path may copy, or ``None``.
 
     The fast path sends a pre-packed command on a connection its thread keeps (no pool checkout,
-    no command packing: about a third of a sync ``incr``'s client time). Only plain RESP2
-    TCP/TLS/Unix connections qualify; anything redis-py manages further (cluster routing,
-    Sentinel, client-side caching, credential providers that re-authenticate, RESP3 push
-    messages) keeps going through ``execute_command``.
+    no command packing). Plain TCP/TLS/Unix connections qualify, over RESP2 or RESP3 alike (the
+    connection negotiates the client's protocol, redis-py's default of its version, and reads
+    the reply with the matching parser); anything redis-py manages further (cluster routing,
+    Sentinel, client-side caching, credential providers that re-authenticate) keeps going
+    through ``execute_command``.
     """
     if isinstance(client, redis.cluster.RedisCluster):
         return None
@@ -515,10 +528,59 @@ def _direct_pool(client: AnyRedis) -> Any:
         in (redis.Connection, redis.SSLConnection, redis.UnixDomainSocketConnection)
         and getattr(pool, "cache", None) is None
         and kwargs.get("credential_provider") is None
-        and kwargs.get("protocol") in (None, 2, "2")
     ):
         return pool
     return None
+
+
+class _ThreadConns:
+    """One thread's fast-path connections, disconnected as soon as the thread ends.
+
+    Only the thread's ``threading.local`` holds it and it refers to nothing that refers back,
+    so CPython frees it by reference counting when it clears the thread's locals at thread
+    exit: the sockets close then, not whenever the garbage collector gets to them (a host
+    that starts many short-lived threads would otherwise pile up server connections).
+    """
+
+    __slots__ = ("conns", "generation")
+
+    def __init__(self, nodes: int) -> None:
+        self.conns: list[Any] = [None] * nodes
+        self.generation = _fork_generation
+
+    def __del__(self) -> None:
+        for conn in self.conns:
+            if conn is not None:
+                # A half-closed socket must not print a traceback; no module global is used,
+                # as they may already be gone when this runs at interpreter shutdown.
+                try:  # noqa: SIM105  # contextlib.suppress is a module global
+                    conn.disconnect()
+                except Exception:  # nothing to report to at thread exit
+                    pass
+
+
+def _is_connected(conn: Any) -> bool:
+    """Whether a redis-py connection holds an open socket."""
+    try:
+        return bool(conn.is_connected)
+    except AttributeError:  # redis-py < 8 has no is_connected; its socket attribute says so
+        return conn._sock is not None
+
+
+def _close_client(client: AnyRedis) -> None:
+    """Close a client the buffer owns, with every connection of its pools.
+
+    ``close()`` alone leaves the pools' connections open until garbage collection in redis-py
+    before 6 (and for a cluster's node clients), which the server counts as clients.
+    """
+    if isinstance(client, redis.cluster.RedisCluster):
+        nodes = client.get_nodes()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        pools = [n.redis_connection.connection_pool for n in nodes if n.redis_connection]
+    else:
+        pools = [client.connection_pool]
+    client.close()
+    for pool in pools:
+        pool.disconnect()
 
 
 def _resp_command(client: AnyRedis, args: Sequence[str | bytes | int], count: int) -> bytes:
@@ -540,6 +602,29 @@ def _parse_hosts(text_value: str) -> Any:
     raise ValueError("hosts cannot be given in a URL; pass hosts={0: {...}} as an option")
 
 
+_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def _check_cert_reqs(value: object) -> str:
+    """Return ``ssl_cert_reqs`` as the name redis-py accepts in every version."""
+    if isinstance(value, ssl.VerifyMode):
+        return {mode: name for name, mode in _CERT_REQS.items()}[value]
+    if isinstance(value, str) and value.lower() in _CERT_REQS:
+        return value.lower()
+    raise ValueError("must be none, optional or required (or an ssl.VerifyMode)")
+
+
+def _check_protocol(value: object) -> int:
+    if value in (2, 3) and not isinstance(value, bool):
+        return value
+    raise ValueError("must be 2 or 3")
+
+
+def _parse_protocol(text_value: str) -> int:
+    return _check_protocol(int(text_value, 10))
+
+
 def _check_router(value: object) -> object:
     if isinstance(value, str) and value:
         return value
@@ -555,9 +640,13 @@ class RedisBuffer(_Closeable):
 
         redis://[[user]:password@]host[:port][/db][?option=value...]
         rediss://...                      (TLS)
-        redis+unix:///path/to/redis.sock?db=0
+        redis+unix:///path/to/redis.sock?db=0   (or redis+unix://localhost/path/to/redis.sock)
         redis+cluster://host:port         (Redis Cluster; any node as seed)
         rediss+cluster://host:port        (Redis Cluster over TLS)
+
+    Besides the options below, a URL (or ``from_url`` keywords) may set the connection's
+    ``db``, ``protocol`` (2 or 3) and, for TLS, redis-py's ``ssl_ca_certs``, ``ssl_certfile``,
+    ``ssl_keyfile`` and ``ssl_cert_reqs`` (``none`` | ``optional`` | ``required``).
 
     Example configuration::
 
@@ -615,6 +704,15 @@ class RedisBuffer(_Closeable):
         "router": Option(_check_router, _check_router, "crc32", "crc32 | ketama | router"),
         "hosts": Option(_parse_hosts, _validated_hosts, None, "{0: {...}, 1: {...}}"),
         "db": count(None, minimum=0),
+        # TLS (rediss://), redis-py's names: a private CA, a client certificate, verification.
+        "ssl_ca_certs": text(None),
+        "ssl_certfile": text(None),
+        "ssl_keyfile": text(None),
+        "ssl_cert_reqs": Option(
+            _check_cert_reqs, _check_cert_reqs, None, "none | optional | required"
+        ),
+        # RESP version; by default redis-py's (RESP2 before redis-py 8, RESP3 from 8).
+        "protocol": Option(_parse_protocol, _check_protocol, None, "2 | 3"),
     }
 
     def __init__(
@@ -750,7 +848,7 @@ class RedisBuffer(_Closeable):
         self._idents: dict[tuple[Any, ...], tuple[_Partition, tuple[Any, ...], bytes]] = {}
         self._direct_pools = [_direct_pool(c) for c in clients]
         self._local = threading.local()
-        # Every per-thread connection, for close(); a finished thread's one is collected.
+        # Every per-thread connection, for close(); a finished thread's ones close at its exit.
         self._thread_conns: weakref.WeakSet[Any] = weakref.WeakSet()
         self._thread_conns_lock = threading.Lock()
         self._window: MemoryBuffer | None = None
@@ -802,15 +900,26 @@ class RedisBuffer(_Closeable):
             "socket_connect_timeout": timeout,
             "retry": _no_retry(),
         }
-        plain = urlunsplit(
-            (
-                scheme.replace("+cluster", "").replace("redis+unix", "unix"),
-                parts.netloc,
-                parts.path,
-                "",
-                "",
+        # Connection settings of the URL's own server (a client or hosts= entry has its own).
+        server = {k: v for k in ("protocol", *_TLS_OPTIONS) if (v := opts.pop(k)) is not None}
+        if server and (client is not None or hosts is not None):
+            raise ConfigurationError(
+                f"{', '.join(server)} apply to the URL's server only: set them on the injected "
+                "client or in each hosts= entry",
+                option=next(iter(server)),
             )
-        )
+        tls = [k for k in server if k in _TLS_OPTIONS]
+        if tls and not scheme.startswith("rediss"):
+            raise ConfigurationError(
+                f"{', '.join(tls)} need a rediss:// or rediss+cluster:// URL (TLS), "
+                f"not {mask_url(url)}",
+                option=tls[0],
+            )
+        conn.update(server)
+        # Not urlunsplit: it drops the "//" of an empty host (unix:/path), which redis-py
+        # refuses; redis+unix:///path.sock and redis+unix://localhost/path.sock both mean a path.
+        plain_scheme = scheme.replace("+cluster", "").replace("redis+unix", "unix")
+        plain = f"{plain_scheme}://{parts.netloc}{parts.path}"
         owned = False
         if client is None and hosts is None:
             if not parts.netloc and not parts.path.strip("/"):
@@ -821,10 +930,10 @@ class RedisBuffer(_Closeable):
                 conn["db"] = db
             try:
                 if "+cluster" in scheme:
-                    client = redis.cluster.RedisCluster.from_url(plain, **conn)
+                    client = redis.cluster.RedisCluster.from_url(plain, **conn, **_CLUSTER_NO_RETRY)
                 else:
                     client = redis.Redis.from_url(plain, **conn)
-            except (ValueError, redis.exceptions.RedisError) as exc:
+            except (ValueError, *_REDIS_ERRORS) as exc:
                 raise BackendError(f"cannot connect to {mask_url(url)}: {exc}") from exc
             owned = True
         return cls(flush=flush, client=client, hosts=hosts, _url=url, _owned=owned, **opts)
@@ -840,7 +949,7 @@ class RedisBuffer(_Closeable):
     def _errors(self, doing: str) -> Iterator[None]:
         try:
             yield
-        except redis.exceptions.RedisError as exc:
+        except _REDIS_ERRORS as exc:
             where = self._url or "redis"
             raise BackendError(f"redis error while {doing} ({where}): {exc}") from exc
 
@@ -887,18 +996,17 @@ class RedisBuffer(_Closeable):
         Never shared between threads, so a command and its reply need no pool checkout; redis-py
         disconnects it on any error or interruption mid-command, so no stale reply is ever read.
         """
-        state = self._local.__dict__
-        conns = state.get("conns")
-        if conns is None or state["generation"] != _fork_generation:
-            conns = state["conns"] = [None] * len(self._clients)
-            state["generation"] = _fork_generation
+        held = self._local.__dict__.get("held")
+        if held is None or held.generation != _fork_generation:
+            held = self._local.held = _ThreadConns(len(self._clients))
+        conns = held.conns
         conn = conns[node]
         if conn is None:
             pool = self._direct_pools[node]
             conn = conns[node] = pool.connection_class(**pool.connection_kwargs)
             with self._thread_conns_lock:
                 self._thread_conns.add(conn)
-        elif conn.is_connected:
+        elif _is_connected(conn):
             # As the pool does on checkout: a connection the server closed while it was idle
             # (its `timeout`, CLIENT KILL, a restart) reconnects now instead of failing the
             # next incr.
@@ -1440,7 +1548,7 @@ class RedisBuffer(_Closeable):
             self._close_done = True
             if self._owned:
                 for c in self._clients:
-                    c.close()
+                    _close_client(c)
 
 
 class _LockedWindow:

@@ -33,6 +33,7 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, ClassVar, TypeAlias
 
 from updatebuffer.testing.process import HOST, ServerProcess, _StartStop, free_port
@@ -53,6 +54,7 @@ __all__ = [
     "RedisServer",
     "RedisStartupError",
     "RespValue",
+    "TLSFiles",
     "find_redis_cli",
     "find_redis_server",
     "free_port",
@@ -255,6 +257,21 @@ def _parse_info(reply: RespValue) -> dict[str, str]:
 # Servers
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files a TLS ``redis-server`` uses: its certificate and key, and the CA it trusts.
+
+    :param cert_file: the server's certificate (chain).
+    :param key_file: the server's private key.
+    :param ca_cert_file: the CA whose client certificates the server accepts; clients need not
+        present one (``--tls-auth-clients optional``).
+    """
+
+    cert_file: str
+    key_file: str
+    ca_cert_file: str
+
+
 class RedisServer(ServerProcess):
     """A ``redis-server`` child process on a free 127.0.0.1 port, with a temp directory it owns.
 
@@ -272,6 +289,9 @@ class RedisServer(ServerProcess):
     :param extra_args: more ``redis-server`` command-line arguments (``["--maxmemory", "10mb"]``),
         placed after the built-in ones so they override them.
     :param startup_timeout: seconds to wait for the server to answer ``PING``.
+    :param unixsocket: also listen on the Unix socket :attr:`unix_socket_path` (``redis.sock`` in
+        the server's directory).
+    :param tls: also listen with TLS on a second free port, :attr:`tls_port`, with these files.
     :raises ValueError: if ``port`` is out of range or ``extra_args`` is a single string.
     """
 
@@ -288,14 +308,20 @@ class RedisServer(ServerProcess):
         appendonly: bool = False,
         extra_args: Sequence[str] = (),
         startup_timeout: float = 10.0,
+        unixsocket: bool = False,
+        tls: TLSFiles | None = None,
     ) -> None:
         if isinstance(extra_args, str):
             raise ValueError(
                 f"extra_args must be a sequence of arguments, not the string {extra_args!r}"
             )
         self.appendonly = appendonly
+        self.unixsocket = unixsocket
+        self.tls = tls
         self.extra_args: tuple[str, ...] = tuple(extra_args)
         self._cluster_bus = _enables_cluster(self.extra_args)
+        #: The TLS port (``None`` without *tls*); the plain port stays open for readiness checks.
+        self.tls_port: int | None = None if tls is None else self._pick_port()
         if port is not None:
             limit = _MAX_PORT - _CLUSTER_BUS_OFFSET if self._cluster_bus else _MAX_PORT
             if not 0 < port <= limit:
@@ -313,6 +339,19 @@ class RedisServer(ServerProcess):
     def url(self) -> str:
         """The ``redis://127.0.0.1:PORT/0`` URL of this server."""
         return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def unix_socket_path(self) -> str | None:
+        """The Unix socket the server listens on (``None`` without ``unixsocket=True``).
+
+        :raises RuntimeError: if the server has no directory yet (never started).
+        """
+        return os.path.join(self.dir, "redis.sock") if self.unixsocket else None
+
+    @property
+    def tls_url(self) -> str | None:
+        """The ``rediss://127.0.0.1:TLS_PORT/0`` URL (``None`` without *tls*)."""
+        return None if self.tls_port is None else f"rediss://{self.host}:{self.tls_port}/0"
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -351,6 +390,8 @@ class RedisServer(ServerProcess):
                 self._remove_dir()
                 self._make_dir()
                 self.port = self._pick_port()
+                if self.tls_port is not None:
+                    self.tls_port = self._pick_port()
         except BaseException:
             self._reap(kill=True)
             if fresh:
@@ -443,6 +484,26 @@ class RedisServer(ServerProcess):
         ]
         if self.appendonly:
             args += ["--appendfsync", "always"]
+        if self.unixsocket:
+            args += [
+                "--unixsocket",
+                os.path.join(self.dir, "redis.sock"),
+                "--unixsocketperm",
+                "700",
+            ]
+        if self.tls is not None:
+            args += [
+                "--tls-port",
+                str(self.tls_port),
+                "--tls-cert-file",
+                self.tls.cert_file,
+                "--tls-key-file",
+                self.tls.key_file,
+                "--tls-ca-cert-file",
+                self.tls.ca_cert_file,
+                "--tls-auth-clients",
+                "optional",
+            ]
         args += self.extra_args
         return args
 
@@ -567,6 +628,8 @@ class RedisCluster(_StartStop):
     :param extra_args: extra arguments for every node, after the cluster ones.
     :param startup_timeout: passed to every :class:`RedisServer`.
     :param ready_timeout: seconds to wait for ``redis-cli`` and for the cluster to converge.
+    :param tls: every node also listens with TLS (:attr:`tls_url`) and the nodes talk TLS to
+        each other; ``redis-cli`` and the readiness checks keep the plain ports.
     :raises ValueError: if ``masters`` is less than 3 or ``replicas`` is negative.
     """
 
@@ -579,6 +642,7 @@ class RedisCluster(_StartStop):
         extra_args: Sequence[str] = (),
         startup_timeout: float = 10.0,
         ready_timeout: float = 60.0,
+        tls: TLSFiles | None = None,
     ) -> None:
         if masters < 3:
             raise ValueError(
@@ -604,11 +668,18 @@ class RedisCluster(_StartStop):
             # join; here that only delays every replica's first sync.
             "--repl-diskless-sync-delay",
             "0",
+            # With TLS the nodes announce their TLS ports to TLS clients (plain ones to plain
+            # clients) and their bus listens at the TLS port + 10000.
+            *(("--tls-cluster", "yes", "--tls-replication", "yes") if tls else ()),
             *extra_args,
         )
+        self.tls = tls
         self.servers: list[RedisServer] = [
             RedisServer(
-                appendonly=appendonly, extra_args=node_args, startup_timeout=startup_timeout
+                appendonly=appendonly,
+                extra_args=node_args,
+                startup_timeout=startup_timeout,
+                tls=tls,
             )
             for _ in range(masters * (1 + replicas))
         ]
@@ -638,6 +709,12 @@ class RedisCluster(_StartStop):
     def url(self) -> str:
         """The ``redis+cluster://127.0.0.1:PORT`` URL of the first node."""
         return f"redis+cluster://{self.host}:{self.port}"
+
+    @property
+    def tls_url(self) -> str | None:
+        """The ``rediss+cluster://127.0.0.1:TLS_PORT`` URL of the first node, or ``None``."""
+        port = self.servers[0].tls_port
+        return None if port is None else f"rediss+cluster://{self.host}:{port}"
 
     def start(self) -> Self:
         """Start the nodes, create the cluster and wait until it is ready; return the cluster.
