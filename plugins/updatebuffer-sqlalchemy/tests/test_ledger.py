@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
+import updatebuffer
 from ubsa_helpers import DB, batch, up
 
 from updatebuffer_sqlalchemy import (
@@ -111,3 +112,78 @@ def _race(
         flush(same)
     except BaseException as exc:  # pragma: no cover - reported by the test
         errors.append(exc)
+
+
+def test_a_split_batch_is_skipped_when_its_parent_is_recorded(db: DB, groups: sa.Table) -> None:
+    flush = SQLAlchemyFlush(db.engine, {"groups": groups})
+    flush(batch(up(columns={"times_seen": 5}), id="parent"))  # committed, reported as failed
+    for child in ("parent.0", "parent.1", "parent.1.0"):
+        flush(batch(up(columns={"times_seen": 5}), id=child))
+    assert db.rows(groups)[1]["times_seen"] == 5
+    assert ledger_ids(db) == ["parent"]  # the skipped children's inserts were rolled back
+    flush(batch(up(columns={"times_seen": 1}), id="other.0"))  # no recorded ancestor
+    flush(batch(up(columns={"times_seen": 1}), id="parent2"))  # not a child of "parent"
+    assert db.rows(groups)[1]["times_seen"] == 7
+    assert ledger_ids(db) == ["other.0", "parent", "parent2"]
+
+
+class CommitThenRaise:
+    """A host whose commit succeeds but is reported as failed (an error after the commit, a lost
+    COMMIT reply), on every delivery: the buffer retries, splits and finally dead-letters."""
+
+    def __init__(self, flush: SQLAlchemyFlush) -> None:
+        self.flush = flush
+        self.ids: list[str] = []
+
+    def __call__(self, b: Batch) -> None:
+        self.ids.append(b.id)
+        self.flush(b)
+        raise ConnectionError("server closed the connection after COMMIT")
+
+
+def _commit_then_raise_through(db: DB, groups: sa.Table, url: str) -> CommitThenRaise:
+    db.insert(groups, *({"id": i, "times_seen": 0} for i in range(2, 9)))
+    host = CommitThenRaise(SQLAlchemyFlush(db.engine, {"groups": groups}))
+    with updatebuffer.from_url(url, flush=host) as buf:
+        for i in range(1, 9):
+            buf.incr("groups", {"times_seen": i}, {"id": i})
+        for _ in range(100):  # every attempt fails: retries, then splits down to single rows
+            buf.drain()
+            stats = buf.stats()
+            if stats.in_flight_batches == 0:
+                break
+        letters = buf.dead_letters()  # type: ignore[attr-defined]  # DeadLetterStore
+        buf.purge_dead_letters()  # type: ignore[attr-defined]  # nothing left for close()
+    assert stats.pending_rows == 0 and stats.in_flight_batches == 0
+    # Every row ends as a dead letter (its delivery never returned), yet was written once.
+    assert sorted(letter.update.filters["id"] for letter in letters) == list(range(1, 9))
+    assert {i: r["times_seen"] for i, r in db.rows(groups).items()} == {i: i for i in range(1, 9)}
+    return host
+
+
+def test_commit_then_raise_on_memory_applies_each_row_once_after_splits(
+    db: DB, groups: sa.Table
+) -> None:
+    host = _commit_then_raise_through(
+        db, groups, "memory://?batch_size=8&max_attempts=2&retry_backoff=0"
+    )
+    assert len(host.ids[0]) == 32 and host.ids.count(host.ids[0]) == 2
+    assert f"{host.ids[0]}.1.0.1" in host.ids  # split down to single rows
+    assert ledger_ids(db) == [host.ids[0]]
+
+
+@pytest.mark.redis
+def test_commit_then_raise_on_redis_applies_each_row_once_after_splits(
+    db: DB, groups: sa.Table
+) -> None:
+    from updatebuffer.testing.servers import RedisServer, skip_or_fail_without_redis
+
+    skip_or_fail_without_redis()
+    with RedisServer() as server:
+        host = _commit_then_raise_through(
+            db,
+            groups,
+            f"{server.url}?delay=0&batch_size=8&max_attempts=2&retry_backoff=0&partitions=1",
+        )
+    assert f"{host.ids[0]}.1.0.1" in host.ids
+    assert ledger_ids(db) == [host.ids[0]]

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+from updatebuffer import batch_lineage
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -66,12 +67,31 @@ def prune_ledger(
 
 
 def claim(conn: Connection, table: sa.Table, batch_id: str) -> bool:
-    """Record *batch_id* in the ledger in the open transaction; return false if it is there.
+    """Record *batch_id* in the ledger in the open transaction; return false if it was applied.
+
+    A batch counts as applied when its own id is recorded, or the id of a batch it was split
+    from (:func:`updatebuffer.batch_lineage`): a batch that committed but was reported as failed
+    (an error after the commit, a lost COMMIT reply) may be split later, and its halves carry rows
+    already applied under the parent's id.
 
     The insert goes first in the transaction: a second worker holding the same batch (a lease that
     expired under a slow flush) blocks on the uncommitted key until the first one commits, and then
     sees the id and skips -- or proceeds if the first one rolled back.
     """
+    if not _insert(conn, table, batch_id):
+        return False
+    ancestors = batch_lineage(batch_id)[1:]
+    if not ancestors:
+        return True
+    # Only split batches pay for this lookup; the caller rolls back the insert above.
+    seen = conn.execute(
+        sa.select(table.c.batch_id).where(table.c.batch_id.in_(ancestors)).limit(1)
+    ).first()
+    return seen is None
+
+
+def _insert(conn: Connection, table: sa.Table, batch_id: str) -> bool:
+    """Insert *batch_id*; return false if it is recorded already."""
     now = datetime.datetime.now(datetime.timezone.utc)
     dialect = conn.dialect.name
     if dialect in ("postgresql", "sqlite"):
