@@ -1112,7 +1112,7 @@ class RedisBuffer(_Closeable):
                 if int(reply[2]) > self.max_attempts:
                     log.error(
                         "batch %s is delivered for the %d. time: its lease expired before, so it "
-                        "may have been applied and is never split; is a worker crashing on it?",
+                        "is not split until a delivery raises; is a worker crashing on it?",
                         reply[1].decode(),
                         int(reply[2]),
                     )
