@@ -1,0 +1,117 @@
+"""local_window: a row Redis refuses at push is kept whole, listed, and replayable.
+
+The window merged and acknowledged these updates already, so a refusal at push time (a sum that
+overflows across pushes, a type that cannot be compared with what Redis holds, a value that is out
+of range by itself) must keep the row as a dead letter with all its data, never drop it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import redis
+
+from updatebuffer import Batch, Update
+from updatebuffer.backends.redis import RedisBuffer
+from updatebuffer.testing.contract import Recorder
+
+pytestmark = pytest.mark.redis
+
+# (what Redis holds for row g/1, what the window pushes on top, the refusal code in the error).
+# A float sum leaving the double range across pushes is refused once lib.lua checks float sums
+# exactly; its dead letter is written by the same code, tested on its own ("inf") below.
+ACROSS_PUSHES = {
+    "overflow": ({"columns": {"n": 2**63 - 1}}, {"columns": {"n": 5}}, "overflow on c:n"),
+    "mixed-greatest": ({"greatest": {"t": 5}}, {"greatest": {"t": "late"}}, "mixed on G:t"),
+    "mixed-least": ({"least": {"t": "a"}}, {"least": {"t": 1}}, "mixed on L:t"),
+}
+
+
+def _buffers(redis_server, key_prefix, rec):
+    client = redis.Redis(port=redis_server.port)
+    plain = RedisBuffer(flush=rec, client=client, key_prefix=key_prefix, delay=3600)
+    window = RedisBuffer(
+        flush=rec, client=client, key_prefix=key_prefix, delay=3600, local_window=30
+    )
+    return client, plain, window
+
+
+def _incr(buf, ops, **more):
+    buf.incr(
+        "g",
+        {**ops.get("columns", {}), **more.get("columns", {})},
+        {"id": 1},
+        {**ops.get("extra", {}), **more.get("extra", {})},
+        greatest=ops.get("greatest"),
+        least=ops.get("least"),
+    )
+
+
+@pytest.mark.parametrize("case", sorted(ACROSS_PUSHES))
+def test_row_refused_across_pushes_is_a_whole_replayable_dead_letter(
+    redis_server, key_prefix, case
+):
+    held, pushed, reason = ACROSS_PUSHES[case]
+    rec = Recorder()
+    client, plain, window = _buffers(redis_server, key_prefix, rec)
+    _incr(plain, held)
+    _incr(window, pushed, columns={"k": 7}, extra={"m": "kept"})
+    if case == "overflow":  # two updates merged in the window before the push
+        _incr(window, pushed, columns={"k": 1}, extra={"m": "latest"})
+    window.close()  # pushes the window: Redis refuses the merge, the row becomes a dead letter
+
+    [letter] = plain.dead_letters()
+    expected = Update(
+        model="g",
+        filters={"id": 1},
+        columns={**pushed.get("columns", {}), "k": 7} if case != "overflow" else {"n": 10, "k": 8},
+        extra={"m": "kept"} if case != "overflow" else {"m": "latest"},
+        greatest=pushed.get("greatest", {}),
+        least=pushed.get("least", {}),
+        count=1 if case != "overflow" else 2,
+        first_buffered=letter.update.first_buffered,
+    )
+    assert letter.update == expected
+    assert reason in letter.error
+
+    # Replayed while the conflicting data is still pending: refused again, kept, with the reason.
+    assert plain.replay_dead_letters() == 0
+    [again] = plain.dead_letters()
+    assert again.update == expected and again.batch_id == letter.batch_id
+    assert f"replay refused: {reason}" in again.error
+
+    # Once the conflicting row is flushed, the replay merges and the row is delivered whole.
+    assert plain.drain() == 1
+    assert plain.replay_dead_letters() == 1
+    assert plain.dead_letters() == []
+    assert plain.drain() == 1
+    delivered = rec.updates()[-1]
+    assert delivered.columns == expected.columns and delivered.extra == expected.extra
+    assert delivered.greatest == expected.greatest and delivered.least == expected.least
+    assert delivered.count == expected.count
+    plain.close()
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("columns", "reason"),
+    [({"n": 2**64, "k": 3}, "overflow on c:n"), ({"x": math.inf, "k": 3}, "nonfinite on f:x")],
+    ids=["int-beyond-64-bit", "inf"],
+)
+def test_row_refused_on_its_own_is_kept_with_its_data(redis_server, key_prefix, columns, reason):
+    # A pushed row whose own value Redis refuses (not a conflict with what Redis holds): the
+    # dead letter must hold the row as pushed, not an empty record.
+    rec = Recorder()
+    client, plain, window = _buffers(redis_server, key_prefix, rec)
+    row = Update(model="g", filters={"id": 1}, columns=columns, extra={"m": "kept"}, count=4)
+    window._push(Batch([row], id="push1"))
+    [letter] = plain.dead_letters()
+    assert letter.update.columns == columns and letter.update.extra == {"m": "kept"}
+    assert letter.update.count == 4 and reason in letter.error
+    assert plain.replay_dead_letters() == 0  # refused again: it stays dead
+    assert [dl.update for dl in plain.dead_letters()] == [letter.update]
+    assert plain.stats().dead_letters == 1
+    window.close()
+    plain.close()
+    client.close()
