@@ -12,8 +12,10 @@ import math
 import pytest
 import redis
 
-from updatebuffer import Batch, Update
+from updatebuffer import BackendError, Batch, DeadLetter, Update
 from updatebuffer.backends.redis import RedisBuffer
+from updatebuffer.keys import encode_row
+from updatebuffer.testing import servers
 from updatebuffer.testing.contract import Recorder
 
 pytestmark = pytest.mark.redis
@@ -115,3 +117,75 @@ def test_row_refused_on_its_own_is_kept_with_its_data(redis_server, key_prefix, 
     window.close()
     plain.close()
     client.close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        Update(model="g", filters={"id": -1}, columns={"bad\ud800": 1, "n": 2}),
+        Update(model="g", filters={"id": -1}, columns={"n": 2}, greatest={"t\ud800": 1}),
+        Update(model="g", filters={"id": -1}, columns={"n": 2}, extra={"m\ud800": "x"}),
+    ],
+    ids=["column-name", "greatest-name", "extra-name"],
+)
+def test_a_row_that_cannot_be_sent_blocks_no_other_row(redis_server, key_prefix, bad):
+    rec = Recorder()
+    client, plain, window = _buffers(redis_server, key_prefix, rec)
+    good = [Update(model="g", filters={"id": i}, columns={"n": i}, count=2) for i in range(40)]
+    # The unsendable row first: every partition group of the push comes after it.
+    window._push(Batch([bad, *good], id="push1"))
+    assert [plain.get("g", {"id": i}).columns for i in range(40)] == [{"n": i} for i in range(40)]
+    [letter] = window.dead_letters()
+    assert letter.update == bad and "UnicodeEncodeError" in letter.error
+    assert window.stats().dead_letters == 1
+    assert window.replay_dead_letters() == 0  # still cannot be sent: kept
+    assert [dl.update for dl in window.dead_letters()] == [bad]
+    window._push(Batch(good, id="push1"))  # the same push again: a duplicate, applied once
+    assert plain.drain() == 40
+    assert sorted(u.columns["n"] for u in rec.updates()) == list(range(40))
+    assert window.purge_dead_letters() == 1
+    assert window.dead_letters() == []
+    window.close()
+    plain.close()
+    client.close()
+
+
+def test_a_replayed_local_dead_letter_that_can_be_sent_reaches_redis(redis_server, key_prefix):
+    rec = Recorder()
+    client, plain, window = _buffers(redis_server, key_prefix, rec)
+    row = Update(model="g", filters={"id": 1}, columns={"n": 3}, count=3)
+    window._unsendable.append(DeadLetter(row, "p.local", 0, "UnicodeEncodeError", 0.0))
+    assert window.replay_dead_letters() == 1
+    assert window.dead_letters() == []
+    assert plain.get("g", {"id": 1}).columns == {"n": 3}
+    window.close()
+    plain.close()
+    client.close()
+
+
+def test_a_node_that_fails_a_push_blocks_no_other_node(key_prefix):
+    servers.skip_or_fail_without_redis()
+    rec = Recorder()
+    with servers.RedisServer() as up, servers.RedisServer() as down:
+        clients = [redis.Redis(port=up.port), redis.Redis(port=down.port)]
+        window = RedisBuffer(
+            flush=rec, client=clients, key_prefix=key_prefix, delay=3600, local_window=30
+        )
+        rows = [Update(model="g", filters={"id": i}, columns={"n": 1}) for i in range(40)]
+        on_down = [
+            u.filters["id"]
+            for u in rows
+            if window._locate("g", encode_row("g", u.filters))[0].node == 1
+        ]
+        assert 0 < len(on_down) < 40
+        down.stop()
+        with pytest.raises(BackendError):
+            window._push(Batch(rows, id="push1"))
+        plain = RedisBuffer(flush=rec, client=clients[0], key_prefix=key_prefix, delay=0)
+        assert plain.drain() == 40 - len(on_down)  # node 0's rows were pushed all the same
+        assert {u.filters["id"] for u in rec.updates()} == set(range(40)) - set(on_down)
+        assert window._unsendable == []  # nothing unsendable: the window retries the push
+        plain.close()
+        window.close()
+        for c in clients:
+            c.close()

@@ -34,6 +34,7 @@ import math
 import os
 import re
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -717,6 +718,9 @@ class RedisBuffer(_Closeable):
         self._window_flusher: Flusher | None = None
         # Held while the window is flushed (pushed to Redis), by its thread or by drain().
         self._window_lock = threading.Lock()
+        # Window rows that could not be sent to Redis at all, kept as dead letters here.
+        self._unsendable: list[DeadLetter] = []
+        self._unsendable_lock = threading.Lock()
         if self.local_window > 0:
             self._start_window()
 
@@ -973,31 +977,72 @@ class RedisBuffer(_Closeable):
 
         Each call carries a push id derived from the batch id, so a push retried after a lost
         reply is not applied twice. Rows Redis refuses (a sum overflowing 64-bit) are kept as
-        dead letters in Redis with the reason, never dropped.
+        dead letters in Redis with the reason, never dropped. A row that cannot be sent at all
+        (its names or values cannot be encoded) is kept as a dead letter in this process; it
+        never blocks the other rows. A partition whose call fails does not stop the others:
+        the push raises after trying them all, and the window retries it (partitions already
+        pushed are recognised by their push ids).
+
+        :raises BackendError: Redis failed for at least one partition.
+        """
+        unsendable = self._send(batch)
+        if unsendable:
+            now = time.time()
+            with self._unsendable_lock:
+                for update, exc in unsendable:
+                    log.error(
+                        "local-window row %s %r of push %s cannot be sent to redis (%r); kept "
+                        "as a dead letter in this process",
+                        update.model,
+                        update.filters,
+                        batch.id,
+                        exc,
+                    )
+                    self._unsendable.append(
+                        DeadLetter(update, f"{batch.id}.local", 0, repr(exc), now)
+                    )
+
+    def _send(self, batch: Batch) -> list[tuple[Update, Exception]]:
+        """Merge *batch* into Redis (see :meth:`_push`); return the rows that cannot be sent.
+
+        :raises BackendError: Redis failed for at least one partition.
         """
         groups: dict[tuple[int, int], list[list[bytes | str | int]]] = {}
+        unsendable: list[tuple[Update, Exception]] = []
         for update in batch:
-            canonical = encode_row(update.model, update.filters)
-            part, member = self._locate(update.model, canonical)
-            args = _update_args(
-                member,
-                canonical,
-                update.signal_only,
-                update.count,
-                0,
-                update.columns,
-                update.extra,
-                update.greatest,
-                update.least,
-            )
+            try:
+                canonical = encode_row(update.model, update.filters)
+                part, member = self._locate(update.model, canonical)
+                args = _update_args(
+                    member,
+                    canonical,
+                    update.signal_only,
+                    update.count,
+                    0,
+                    update.columns,
+                    update.extra,
+                    update.greatest,
+                    update.least,
+                )
+                # redis-py encodes str arguments (strict UTF-8) only while sending, where one
+                # bad row would fail its whole partition's call: encode each row's here.
+                args = [a.encode("utf-8") if isinstance(a, str) else a for a in args]
+            except Exception as exc:  # any row that cannot be sent is kept, never fatal
+                unsendable.append((update, exc))
+                continue
             groups.setdefault((part.node, part.index), []).append(args)
+        errors: list[BackendError] = []
         for (node, index), rows in groups.items():
             part = self._parts[node][index]
             flat: list[bytes | str | int] = [part.base, f"{batch.id}.{node}.{index}", len(rows)]
             for args in rows:
                 flat += args
-            with self._errors("pushing the local window"):
-                failed = self._script(part, "incr")(keys=[part.pending, part.stats], args=flat)
+            try:
+                with self._errors("pushing the local window"):
+                    failed = self._script(part, "incr")(keys=[part.pending, part.stats], args=flat)
+            except BackendError as exc:
+                errors.append(exc)
+                continue
             if failed and failed != b"dup":
                 for k in range(0, len(failed), 3):
                     log.error(
@@ -1008,6 +1053,11 @@ class RedisBuffer(_Closeable):
                         failed[k + 1].decode(),
                         failed[k + 2].decode(),
                     )
+        if errors:
+            # Retried as a whole; the rows that cannot be sent are kept once, by the retry
+            # that succeeds.
+            raise errors[0]
+        return unsendable
 
     def _start_window(self) -> None:
         from updatebuffer.backends.memory import MemoryBuffer
@@ -1222,6 +1272,8 @@ class RedisBuffer(_Closeable):
                     for field, value in c.hgetall(part.stats).items():
                         if field in totals:
                             totals[field] += int(value)
+        with self._unsendable_lock:
+            dead += len(self._unsendable)
         return BufferStats(
             pending_rows=pending,
             oldest_pending_age=oldest,
@@ -1255,6 +1307,9 @@ class RedisBuffer(_Closeable):
     def dead_letters(self) -> list[DeadLetter]:
         """Return the rows that failed alone ``max_attempts`` times, on every partition.
 
+        With ``local_window``, also the rows Redis refused at push time, and those that could not
+        be sent to Redis at all (kept in this process).
+
         :raises BackendError: Redis failed.
         """
         letters = []
@@ -1269,6 +1324,8 @@ class RedisBuffer(_Closeable):
                         failed_at=int(meta.get(b"failed_at", meta.get(b"dead_at", b"0"))) / 1000,
                     )
                 )
+        with self._unsendable_lock:
+            letters += self._unsendable
         letters.sort(key=lambda letter: letter.failed_at)
         return letters
 
@@ -1295,6 +1352,16 @@ class RedisBuffer(_Closeable):
                         reply[0].decode(),
                         reply[1].decode(),
                     )
+        with self._unsendable_lock:
+            local = list(self._unsendable)
+        if local:
+            # Pushed again as they are; a row that still cannot be sent stays where it is.
+            still = self._send(Batch([letter.update for letter in local], id=uuid.uuid4().hex))
+            kept = {id(update) for update, _ in still}
+            sent = {id(letter) for letter in local if id(letter.update) not in kept}
+            with self._unsendable_lock:
+                self._unsendable = [x for x in self._unsendable if id(x) not in sent]
+            replayed += len(sent)
         return replayed
 
     def purge_dead_letters(self) -> int:
@@ -1302,7 +1369,8 @@ class RedisBuffer(_Closeable):
 
         :raises BackendError: Redis failed.
         """
-        purged = 0
+        with self._unsendable_lock:
+            purged, self._unsendable = len(self._unsendable), []
         with self._errors("purging dead letters"):
             for parts in self._parts:
                 for part in parts:
