@@ -77,6 +77,29 @@ def _params(sig: Signature, update: Update) -> Params:
     return out
 
 
+# Dialects whose datetime columns keep no UTC offset: SQLAlchemy stores an aware datetime's wall
+# clock there, so 13:00+02:00 would be stored as 13:00 and compare after 12:00Z. MySQL and
+# MariaDB are listed by name, not tested here.
+_OFFSET_DROPPING = frozenset({"sqlite", "mysql", "mariadb"})
+_UTC = datetime.timezone.utc
+
+
+def _params_utc(sig: Signature, update: Update) -> Params:
+    """Return :func:`_params`, with aware datetime values as UTC.
+
+    Filters stay untouched: they must match the rows as the host stored them.
+    """
+    out = _params(sig, update)
+    for key, value in out.items():
+        if (
+            type(value) is datetime.datetime
+            and value.tzinfo is not None
+            and not key.startswith("ub_f")
+        ):
+            out[key] = value.astimezone(_UTC)
+    return out
+
+
 class Writer:
     """Generic SQLAlchemy writer: one statement per row shape, executed for many rows.
 
@@ -86,6 +109,11 @@ class Writer:
 
     def __init__(self, dialect: Dialect) -> None:
         self.dialect = dialect
+        # Where offsets are dropped, values are stored as UTC instants so that greatest/least
+        # and later reads compare instants, not wall clocks.
+        self.params: Callable[[Signature, Update], Params] = (
+            _params_utc if dialect.name in _OFFSET_DROPPING else _params
+        )
         self._cache: dict[Hashable, Any] = {}
         self._cache_lock = threading.Lock()
 
@@ -170,7 +198,7 @@ class Writer:
         """Apply the rows to existing rows; return how many rows matched none."""
         missing = 0
         for sig, run in _sorted_runs(groups):
-            result = conn.execute(self.update_stmt(model, sig), [_params(sig, u) for u in run])
+            result = conn.execute(self.update_stmt(model, sig), [self.params(sig, u) for u in run])
             if result.rowcount >= 0:
                 missing += max(0, len(run) - result.rowcount)
         return missing
@@ -182,7 +210,7 @@ class Writer:
             update = self.update_stmt(model, sig)
             insert = self._cached(("insert", model.name, sig), partial(self._insert, model, sig))
             for u in run:
-                params = _params(sig, u)
+                params = self.params(sig, u)
                 # Row by row, because only a single-row UPDATE says whether this row exists. A
                 # concurrent insert of the same key fails the transaction; the retry updates it.
                 if conn.execute(update, params).rowcount > 0:
@@ -219,7 +247,7 @@ class SQLiteWriter(Writer):
             flags = self._existing(conn, model, sig, run)
             created.update((id(u), made) for u, made in zip(run, flags, strict=True))
             stmt = self._cached(("upsert", model.name, sig), partial(self._upsert, model, sig))
-            conn.execute(stmt, [_params(sig, u) for u in run])
+            conn.execute(stmt, [self.params(sig, u) for u in run])
         return created
 
     def _upsert(self, model: Model, sig: Signature) -> Any:
