@@ -137,7 +137,7 @@ def test_a_row_that_cannot_be_sent_blocks_no_other_row(redis_server, key_prefix,
     assert [plain.get("g", {"id": i}).columns for i in range(40)] == [{"n": i} for i in range(40)]
     [letter] = window.dead_letters()
     assert letter.update == bad and "UnicodeEncodeError" in letter.error
-    assert window.stats().dead_letters == 1
+    assert window.stats().dead_letters == 1 and window.stats().dead_lettered == 1
     assert window.replay_dead_letters() == 0  # still cannot be sent: kept
     assert [dl.update for dl in window.dead_letters()] == [bad]
     window._push(Batch(good, id="push1"))  # the same push again: a duplicate, applied once

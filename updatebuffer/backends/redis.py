@@ -720,6 +720,7 @@ class RedisBuffer(_Closeable):
         self._window_lock = threading.Lock()
         # Window rows that could not be sent to Redis at all, kept as dead letters here.
         self._unsendable: list[DeadLetter] = []
+        self._unsendable_total = 0
         self._unsendable_lock = threading.Lock()
         if self.local_window > 0:
             self._start_window()
@@ -1001,6 +1002,7 @@ class RedisBuffer(_Closeable):
                     self._unsendable.append(
                         DeadLetter(update, f"{batch.id}.local", 0, repr(exc), now)
                     )
+                    self._unsendable_total += 1
 
     def _send(self, batch: Batch) -> list[tuple[Update, Exception]]:
         """Merge *batch* into Redis (see :meth:`_push`); return the rows that cannot be sent.
@@ -1274,6 +1276,7 @@ class RedisBuffer(_Closeable):
                             totals[field] += int(value)
         with self._unsendable_lock:
             dead += len(self._unsendable)
+            totals[b"dead"] += self._unsendable_total
         return BufferStats(
             pending_rows=pending,
             oldest_pending_age=oldest,
