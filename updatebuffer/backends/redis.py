@@ -456,6 +456,29 @@ _fork_generation = 0
 def _after_fork_in_child() -> None:
     global _fork_generation
     _fork_generation += 1
+    for kept in list(_all_kept):
+        kept.reset()
+
+
+class _KeptRows:
+    """Local-window rows that could not be sent to Redis, kept here as dead letters.
+
+    They belong to the process that buffered them: a forked child starts with none (a copy would
+    be replayed twice) and with a fresh lock (the parent's may have been held at fork).
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+        _all_kept.add(self)
+
+    def reset(self) -> None:
+        self.lock = threading.Lock()
+        self.letters: list[DeadLetter] = []
+        #: rows kept since this buffer was created, for ``stats().dead_lettered``
+        self.total = 0
+
+
+_all_kept: weakref.WeakSet[_KeptRows] = weakref.WeakSet()
 
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
@@ -719,9 +742,7 @@ class RedisBuffer(_Closeable):
         # Held while the window is flushed (pushed to Redis), by its thread or by drain().
         self._window_lock = threading.Lock()
         # Window rows that could not be sent to Redis at all, kept as dead letters here.
-        self._unsendable: list[DeadLetter] = []
-        self._unsendable_total = 0
-        self._unsendable_lock = threading.Lock()
+        self._kept = _KeptRows()
         if self.local_window > 0:
             self._start_window()
 
@@ -989,7 +1010,8 @@ class RedisBuffer(_Closeable):
         unsendable = self._send(batch)
         if unsendable:
             now = time.time()
-            with self._unsendable_lock:
+            kept = self._kept
+            with kept.lock:
                 for update, exc in unsendable:
                     log.error(
                         "local-window row %s %r of push %s cannot be sent to redis (%r); kept "
@@ -999,10 +1021,8 @@ class RedisBuffer(_Closeable):
                         batch.id,
                         exc,
                     )
-                    self._unsendable.append(
-                        DeadLetter(update, f"{batch.id}.local", 0, repr(exc), now)
-                    )
-                    self._unsendable_total += 1
+                    kept.letters.append(DeadLetter(update, f"{batch.id}.local", 0, repr(exc), now))
+                    kept.total += 1
 
     def _send(self, batch: Batch) -> list[tuple[Update, Exception]]:
         """Merge *batch* into Redis (see :meth:`_push`); return the rows that cannot be sent.
@@ -1274,9 +1294,10 @@ class RedisBuffer(_Closeable):
                     for field, value in c.hgetall(part.stats).items():
                         if field in totals:
                             totals[field] += int(value)
-        with self._unsendable_lock:
-            dead += len(self._unsendable)
-            totals[b"dead"] += self._unsendable_total
+        kept = self._kept
+        with kept.lock:
+            dead += len(kept.letters)
+            totals[b"dead"] += kept.total
         return BufferStats(
             pending_rows=pending,
             oldest_pending_age=oldest,
@@ -1327,8 +1348,9 @@ class RedisBuffer(_Closeable):
                         failed_at=int(meta.get(b"failed_at", meta.get(b"dead_at", b"0"))) / 1000,
                     )
                 )
-        with self._unsendable_lock:
-            letters += self._unsendable
+        kept = self._kept
+        with kept.lock:
+            letters += kept.letters
         letters.sort(key=lambda letter: letter.failed_at)
         return letters
 
@@ -1355,15 +1377,16 @@ class RedisBuffer(_Closeable):
                         reply[0].decode(),
                         reply[1].decode(),
                     )
-        with self._unsendable_lock:
-            local = list(self._unsendable)
+        kept = self._kept
+        with kept.lock:
+            local = list(kept.letters)
         if local:
             # Pushed again as they are; a row that still cannot be sent stays where it is.
             still = self._send(Batch([letter.update for letter in local], id=uuid.uuid4().hex))
-            kept = {id(update) for update, _ in still}
-            sent = {id(letter) for letter in local if id(letter.update) not in kept}
-            with self._unsendable_lock:
-                self._unsendable = [x for x in self._unsendable if id(x) not in sent]
+            unsent = {id(update) for update, _ in still}
+            sent = {id(letter) for letter in local if id(letter.update) not in unsent}
+            with kept.lock:
+                kept.letters = [x for x in kept.letters if id(x) not in sent]
             replayed += len(sent)
         return replayed
 
@@ -1372,8 +1395,9 @@ class RedisBuffer(_Closeable):
 
         :raises BackendError: Redis failed.
         """
-        with self._unsendable_lock:
-            purged, self._unsendable = len(self._unsendable), []
+        kept = self._kept
+        with kept.lock:
+            purged, kept.letters = len(kept.letters), []
         with self._errors("purging dead letters"):
             for parts in self._parts:
                 for part in parts:
