@@ -84,20 +84,33 @@ _OFFSET_DROPPING = frozenset({"sqlite", "mysql", "mariadb"})
 _UTC = datetime.timezone.utc
 
 
-def _params_utc(sig: Signature, update: Update) -> Params:
-    """Return :func:`_params`, with aware datetime values as UTC.
+def _utc_params(model: Model, sig: Signature) -> Callable[[Signature, Update], Params]:
+    """Return the parameter builder of *sig* that binds aware datetimes as UTC instants.
 
-    Filters stay untouched: they must match the rows as the host stored them.
+    Only values bound to datetime columns through ``extra``, ``greatest`` or ``least`` are
+    converted; filters stay as given, to match the rows as the host stored them.
     """
-    out = _params(sig, update)
-    for key, value in out.items():
-        if (
-            type(value) is datetime.datetime
-            and value.tzinfo is not None
-            and not key.startswith("ub_f")
-        ):
-            out[key] = value.astimezone(_UTC)
-    return out
+    fields = [
+        (f"{_PREFIX[op]}{i}", op, name)
+        for op, names in zip(("extra", "greatest", "least"), sig[2:], strict=True)
+        for i, name in enumerate(names)
+        if isinstance(model.columns[name].type, sa.DateTime)
+    ]
+    if not fields:
+        return _params
+
+    def params(sig: Signature, update: Update) -> Params:
+        out = _params(sig, update)
+        for key, op, name in fields:
+            value = getattr(update, op)[name]
+            if type(value) is datetime.datetime:
+                tz = value.tzinfo
+                # Already UTC (the codec's own tzinfo): its wall clock is the instant.
+                if tz is not None and tz is not _UTC:
+                    out[key] = value.astimezone(_UTC)
+        return out
+
+    return params
 
 
 class Writer:
@@ -111,11 +124,18 @@ class Writer:
         self.dialect = dialect
         # Where offsets are dropped, values are stored as UTC instants so that greatest/least
         # and later reads compare instants, not wall clocks.
-        self.params: Callable[[Signature, Update], Params] = (
-            _params_utc if dialect.name in _OFFSET_DROPPING else _params
-        )
+        self._utc = dialect.name in _OFFSET_DROPPING
         self._cache: dict[Hashable, Any] = {}
         self._cache_lock = threading.Lock()
+
+    def params(self, model: Model, sig: Signature) -> Callable[[Signature, Update], Params]:
+        """Return the function building one row's bound parameters for *sig*."""
+        if not self._utc:
+            return _params
+        built: Callable[[Signature, Update], Params] = self._cached(
+            ("params", model.name, sig), partial(_utc_params, model, sig)
+        )
+        return built
 
     def _cached(self, key: Hashable, build: Callable[[], Any]) -> Any:
         stmt = self._cache.get(key)
@@ -198,7 +218,8 @@ class Writer:
         """Apply the rows to existing rows; return how many rows matched none."""
         missing = 0
         for sig, run in _sorted_runs(groups):
-            result = conn.execute(self.update_stmt(model, sig), [self.params(sig, u) for u in run])
+            params = self.params(model, sig)
+            result = conn.execute(self.update_stmt(model, sig), [params(sig, u) for u in run])
             if result.rowcount >= 0:
                 missing += max(0, len(run) - result.rowcount)
         return missing
@@ -209,8 +230,9 @@ class Writer:
         for sig, run in _sorted_runs(groups):
             update = self.update_stmt(model, sig)
             insert = self._cached(("insert", model.name, sig), partial(self._insert, model, sig))
+            build = self.params(model, sig)
             for u in run:
-                params = self.params(sig, u)
+                params = build(sig, u)
                 # Row by row, because only a single-row UPDATE says whether this row exists. A
                 # concurrent insert of the same key fails the transaction; the retry updates it.
                 if conn.execute(update, params).rowcount > 0:
@@ -247,7 +269,8 @@ class SQLiteWriter(Writer):
             flags = self._existing(conn, model, sig, run)
             created.update((id(u), made) for u, made in zip(run, flags, strict=True))
             stmt = self._cached(("upsert", model.name, sig), partial(self._upsert, model, sig))
-            conn.execute(stmt, [self.params(sig, u) for u in run])
+            params = self.params(model, sig)
+            conn.execute(stmt, [params(sig, u) for u in run])
         return created
 
     def _upsert(self, model: Model, sig: Signature) -> Any:
