@@ -41,7 +41,14 @@ from updatebuffer.registry import (
     register_router,
 )
 from updatebuffer.routing import Crc32Router, KetamaRouter, PartitionRouter
-from updatebuffer.update import Batch, BufferStats, FlushCallback, Update
+from updatebuffer.update import (
+    Batch,
+    BufferStats,
+    FlushCallback,
+    Update,
+    batch_lineage,
+    child_batch_id,
+)
 
 if sys.version_info >= (3, 12):  # pragma: no cover - depends on the interpreter
     from importlib.metadata import PackageNotFoundError, version
@@ -77,6 +84,8 @@ __all__ = [
     "__version__",
     "available_backends",
     "available_routers",
+    "batch_lineage",
+    "child_batch_id",
     "from_config",
     "from_url",
     "register_backend",

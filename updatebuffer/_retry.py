@@ -6,6 +6,8 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
+from updatebuffer.update import child_batch_id
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -30,9 +32,14 @@ def split_batch(batch_id: str, rows: Sequence[T]) -> list[tuple[str, Sequence[T]
     """Split a batch that exhausted its attempts into two halves with derived, stable ids.
 
     Halving isolates a poisonous row in ``log2(n)`` rounds while the healthy rows go through.
+    The halves' ids carry the parent's (:func:`~updatebuffer.child_batch_id`), so a ledger can
+    recognise rows already applied under it.
     """
     middle = (len(rows) + 1) // 2
-    return [(f"{batch_id}.0", rows[:middle]), (f"{batch_id}.1", rows[middle:])]
+    return [
+        (child_batch_id(batch_id, 0), rows[:middle]),
+        (child_batch_id(batch_id, 1), rows[middle:]),
+    ]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,53 @@ from typing import TYPE_CHECKING, TypeAlias, overload
 if TYPE_CHECKING:
     from updatebuffer._types import Number, Value
 
-__all__ = ["Batch", "BufferStats", "FlushCallback", "Update", "merge_updates"]
+__all__ = [
+    "Batch",
+    "BufferStats",
+    "FlushCallback",
+    "Update",
+    "batch_lineage",
+    "child_batch_id",
+    "merge_updates",
+]
+
+#: The suffixes :func:`child_batch_id` appends; a split halves a batch, so there are two.
+_SPLIT_SUFFIXES = (".0", ".1")
+
+
+def child_batch_id(parent_id: str, index: int) -> str:
+    """Return the id of half *index* (0 or 1) of batch *parent_id* when it is split.
+
+    A batch that keeps failing is split to isolate the failing rows. Its halves are new batches
+    whose ids are the parent's id plus ``.0`` or ``.1``, so a host's ledger can still tell that
+    their rows may already have been applied under the parent's id (see :func:`batch_lineage`).
+    Every backend, built-in or third-party, names split batches this way, and no other batch id
+    ends in ``.0`` or ``.1``.
+
+    :param parent_id: the id of the batch being split.
+    :param index: 0 for the first half, 1 for the second.
+    :raises ValueError: *index* is not 0 or 1.
+    """
+    if index not in (0, 1):
+        raise ValueError(f"a split has two halves, 0 and 1; got index {index!r}")
+    return f"{parent_id}{_SPLIT_SUFFIXES[index]}"
+
+
+def batch_lineage(batch_id: str) -> tuple[str, ...]:
+    """Return *batch_id* followed by the ids of the batches it was split from, nearest first.
+
+    ``batch_lineage("f3a9.1.0") == ("f3a9.1.0", "f3a9.1", "f3a9")``. A host that records batch ids
+    to apply each batch once (a ledger) must treat a batch as applied when *any* id of its lineage
+    is recorded: a batch whose commit succeeded but was reported as failed (an error after the
+    commit, a lost COMMIT reply) may later be split, and its halves carry rows already applied.
+
+    :param batch_id: a batch's :attr:`Batch.id`.
+    """
+    lineage = [batch_id]
+    while batch_id.endswith(_SPLIT_SUFFIXES) and len(batch_id) > 2:
+        batch_id = batch_id[:-2]
+        lineage.append(batch_id)
+    return tuple(lineage)
 
 
 def _empty() -> Mapping[str, Value]:
@@ -127,6 +173,9 @@ class Batch(Sequence[Update]):
     :attr:`id` and gets ``attempt + 1``. A host that records ``id`` in the same transaction as its
     writes applies each batch effectively once. A batch never holds two updates of the same row.
 
+    A batch split to isolate failing rows becomes two batches with derived ids
+    (:func:`child_batch_id`); :attr:`lineage` lists the ids a ledger must check.
+
     :param updates: the rows.
     :param id: stable batch identifier.
     :param attempt: delivery attempt, 1 on first delivery.
@@ -149,6 +198,15 @@ class Batch(Sequence[Update]):
 
     def __len__(self) -> int:
         return len(self._updates)
+
+    @property
+    def lineage(self) -> tuple[str, ...]:
+        """The batch's id, then the ids of the batches it was split from (:func:`batch_lineage`).
+
+        A ledger that skips a batch whose lineage holds a recorded id applies its rows once,
+        even when a batch that committed is reported as failed and then split.
+        """
+        return batch_lineage(self.id)
 
     def __iter__(self) -> Iterator[Update]:
         return iter(self._updates)

@@ -36,6 +36,7 @@ import os
 import re
 import ssl
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -470,6 +471,8 @@ _instances: weakref.WeakSet[RedisBuffer] = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     global _fork_generation
     _fork_generation += 1
+    for kept in list(_all_kept):
+        kept.reset()
     for buffer in list(_instances):
         buffer._reset_locks_after_fork()
 
@@ -502,6 +505,27 @@ class _ExitHooks:
         import multiprocessing.util
 
         multiprocessing.util.Finalize(None, _push_windows_at_exit, exitpriority=10)
+
+
+class _KeptRows:
+    """Local-window rows that could not be sent to Redis, kept here as dead letters.
+
+    They belong to the process that buffered them: a forked child starts with none (a copy would
+    be replayed twice) and with a fresh lock (the parent's may have been held at fork).
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+        _all_kept.add(self)
+
+    def reset(self) -> None:
+        self.lock = threading.Lock()
+        self.letters: list[DeadLetter] = []
+        #: rows kept since this buffer was created, for ``stats().dead_lettered``
+        self.total = 0
+
+
+_all_kept: weakref.WeakSet[_KeptRows] = weakref.WeakSet()
 
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
@@ -856,6 +880,8 @@ class RedisBuffer(_Closeable):
         # Held while the window is flushed (pushed to Redis), by its thread or by drain().
         self._window_lock = threading.Lock()
         self._window_generation = _fork_generation
+        # Window rows that could not be sent to Redis at all, kept as dead letters here.
+        self._kept = _KeptRows()
         if self.local_window > 0:
             self._start_window()
         _instances.add(self)
@@ -1125,31 +1151,72 @@ class RedisBuffer(_Closeable):
 
         Each call carries a push id derived from the batch id, so a push retried after a lost
         reply is not applied twice. Rows Redis refuses (a sum overflowing 64-bit) are kept as
-        dead letters in Redis with the reason, never dropped.
+        dead letters in Redis with the reason, never dropped. A row that cannot be sent at all
+        (its names or values cannot be encoded) is kept as a dead letter in this process; it
+        never blocks the other rows. A partition whose call fails does not stop the others:
+        the push raises after trying them all, and the window retries it (partitions already
+        pushed are recognised by their push ids).
+
+        :raises BackendError: Redis failed for at least one partition.
+        """
+        unsendable = self._send(batch)
+        if unsendable:
+            now = time.time()
+            kept = self._kept
+            with kept.lock:
+                for update, exc in unsendable:
+                    log.error(
+                        "local-window row %s %r of push %s cannot be sent to redis (%r); kept "
+                        "as a dead letter in this process",
+                        update.model,
+                        update.filters,
+                        batch.id,
+                        exc,
+                    )
+                    kept.letters.append(DeadLetter(update, f"{batch.id}.local", 0, repr(exc), now))
+                    kept.total += 1
+
+    def _send(self, batch: Batch) -> list[tuple[Update, Exception]]:
+        """Merge *batch* into Redis (see :meth:`_push`); return the rows that cannot be sent.
+
+        :raises BackendError: Redis failed for at least one partition.
         """
         groups: dict[tuple[int, int], list[list[bytes | str | int]]] = {}
+        unsendable: list[tuple[Update, Exception]] = []
         for update in batch:
-            canonical = encode_row(update.model, update.filters)
-            part, member = self._locate(update.model, canonical)
-            args = _update_args(
-                member,
-                canonical,
-                update.signal_only,
-                update.count,
-                0,
-                update.columns,
-                update.extra,
-                update.greatest,
-                update.least,
-            )
+            try:
+                canonical = encode_row(update.model, update.filters)
+                part, member = self._locate(update.model, canonical)
+                args = _update_args(
+                    member,
+                    canonical,
+                    update.signal_only,
+                    update.count,
+                    0,
+                    update.columns,
+                    update.extra,
+                    update.greatest,
+                    update.least,
+                )
+                # redis-py encodes str arguments (strict UTF-8) only while sending, where one
+                # bad row would fail its whole partition's call: encode each row's here.
+                args = [a.encode("utf-8") if isinstance(a, str) else a for a in args]
+            except Exception as exc:  # any row that cannot be sent is kept, never fatal
+                unsendable.append((update, exc))
+                continue
             groups.setdefault((part.node, part.index), []).append(args)
+        errors: list[BackendError] = []
         for (node, index), rows in groups.items():
             part = self._parts[node][index]
             flat: list[bytes | str | int] = [part.base, f"{batch.id}.{node}.{index}", len(rows)]
             for args in rows:
                 flat += args
-            with self._errors("pushing the local window"):
-                failed = self._script(part, "incr")(keys=[part.pending, part.stats], args=flat)
+            try:
+                with self._errors("pushing the local window"):
+                    failed = self._script(part, "incr")(keys=[part.pending, part.stats], args=flat)
+            except BackendError as exc:
+                errors.append(exc)
+                continue
             if failed and failed != b"dup":
                 for k in range(0, len(failed), 3):
                     log.error(
@@ -1160,6 +1227,11 @@ class RedisBuffer(_Closeable):
                         failed[k + 1].decode(),
                         failed[k + 2].decode(),
                     )
+        if errors:
+            # Retried as a whole; the rows that cannot be sent are kept once, by the retry
+            # that succeeds.
+            raise errors[0]
+        return unsendable
 
     def _start_window(self) -> None:
         from updatebuffer.backends.memory import MemoryBuffer
@@ -1320,7 +1392,7 @@ class RedisBuffer(_Closeable):
                 if int(reply[2]) > self.max_attempts:
                     log.error(
                         "batch %s is delivered for the %d. time: its lease expired before, so it "
-                        "may have been applied and is never split; is a worker crashing on it?",
+                        "is not split until a delivery raises; is a worker crashing on it?",
                         reply[1].decode(),
                         int(reply[2]),
                     )
@@ -1430,6 +1502,10 @@ class RedisBuffer(_Closeable):
                     for field, value in c.hgetall(part.stats).items():
                         if field in totals:
                             totals[field] += int(value)
+        kept = self._kept
+        with kept.lock:
+            dead += len(kept.letters)
+            totals[b"dead"] += kept.total
         return BufferStats(
             pending_rows=pending,
             oldest_pending_age=oldest,
@@ -1463,6 +1539,9 @@ class RedisBuffer(_Closeable):
     def dead_letters(self) -> list[DeadLetter]:
         """Return the rows that failed alone ``max_attempts`` times, on every partition.
 
+        With ``local_window``, also the rows Redis refused at push time, and those that could not
+        be sent to Redis at all (kept in this process).
+
         :raises BackendError: Redis failed.
         """
         letters = []
@@ -1477,6 +1556,9 @@ class RedisBuffer(_Closeable):
                         failed_at=int(meta.get(b"failed_at", meta.get(b"dead_at", b"0"))) / 1000,
                     )
                 )
+        kept = self._kept
+        with kept.lock:
+            letters += kept.letters
         letters.sort(key=lambda letter: letter.failed_at)
         return letters
 
@@ -1503,6 +1585,17 @@ class RedisBuffer(_Closeable):
                         reply[0].decode(),
                         reply[1].decode(),
                     )
+        kept = self._kept
+        with kept.lock:
+            local = list(kept.letters)
+        if local:
+            # Pushed again as they are; a row that still cannot be sent stays where it is.
+            still = self._send(Batch([letter.update for letter in local], id=uuid.uuid4().hex))
+            unsent = {id(update) for update, _ in still}
+            sent = {id(letter) for letter in local if id(letter.update) not in unsent}
+            with kept.lock:
+                kept.letters = [x for x in kept.letters if id(x) not in sent]
+            replayed += len(sent)
         return replayed
 
     def purge_dead_letters(self) -> int:
@@ -1510,7 +1603,9 @@ class RedisBuffer(_Closeable):
 
         :raises BackendError: Redis failed.
         """
-        purged = 0
+        kept = self._kept
+        with kept.lock:
+            purged, kept.letters = len(kept.letters), []
         with self._errors("purging dead letters"):
             for parts in self._parts:
                 for part in parts:

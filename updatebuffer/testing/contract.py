@@ -39,6 +39,7 @@ from updatebuffer._validate import row_identity
 from updatebuffer.buffer import Buffer
 from updatebuffer.errors import InvalidUpdateError, UpdateBufferError
 from updatebuffer.flusher import Flusher
+from updatebuffer.update import batch_lineage
 
 if TYPE_CHECKING:
     from updatebuffer._types import Value
@@ -360,6 +361,9 @@ class BufferContract:
         assert [dict(dl.update.filters) for dl in letters] == [{"id": 3}]
         assert letters[0].update.columns["n"] == 4
         assert "poisoned" in letters[0].error
+        # Split halves carry their parent's id (batch_lineage), which a ledger relies on.
+        lineage = batch_lineage(letters[0].batch_id)
+        assert len(lineage) > 1 and lineage[-1] in {b.id for b in rec.calls}
         rec.poison.clear()
         assert buf.replay_dead_letters() == 1  # type: ignore[attr-defined]  # dead-letter API
         _settle(buf)

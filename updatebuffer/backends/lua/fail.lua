@@ -12,4 +12,9 @@ local now = now_ms()
 redis.call('ZREM', leases, id)
 redis.call('ZADD', retry, now + backoff, id)
 redis.call('HSET', bkey, 'error', ARGV[4], 'failed_at', now)
+-- This delivery ran the callback and it raised: whatever an expired lease left unknown, the
+-- batch now fails for a reason of its own, so retry -> split -> dead letter resumes (a ledger
+-- recognises split halves by their ids, see reclaim.lua). Without this, one crash plus one
+-- poison row would keep the batch's healthy rows back forever.
+redis.call('HDEL', bkey, 'expired')
 return 1

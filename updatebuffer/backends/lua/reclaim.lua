@@ -39,9 +39,9 @@ local n = tonumber(redis.call('HGET', bkey, 'n'))
 local members = split_lines(redis.call('HGET', bkey, 'members'))
 redis.call('ZREM', from, id)
 -- A batch whose lease expired may have been applied by its worker (killed after the commit,
--- before the ack). Splitting it would give its rows new batch ids that a host's ledger cannot
--- recognise, so such a batch is only ever redelivered unchanged, with its id, never split or
--- dead-lettered; the client logs it once it exceeds max_attempts.
+-- before the ack), or its worker may be crashing on it: it is redelivered unchanged, with its
+-- id, and not split or dead-lettered until a redelivery has run the callback and seen it raise
+-- (fail.lua clears the flag). The client logs it once it exceeds max_attempts.
 if from == leases then redis.call('HSET', bkey, 'expired', 1) end
 local maybe_applied = redis.call('HEXISTS', bkey, 'expired') == 1
 if attempt >= max_attempts and not maybe_applied then
@@ -56,6 +56,8 @@ if attempt >= max_attempts and not maybe_applied then
     return { 'dead', id }
   end
   -- Split in two halves with derived ids, deliverable at once, to isolate the failing rows.
+  -- The ids are the parent's plus '.0'/'.1' (updatebuffer.child_batch_id): a host's ledger
+  -- recognises rows it applied under the parent (a commit reported as failed) by that lineage.
   -- The rows stay where they are (<base>:~f:<member>); only the batch records change.
   local half = math.floor((n + 1) / 2)
   local parts = { { id .. '.0', 1, half }, { id .. '.1', half + 1, n } }

@@ -8,8 +8,12 @@ if not redis.call('ZSCORE', dead, id) then return 0 end
 local u = parse_update(ARGV, 3)
 local row = base .. ':' .. u.member
 local err = merge_row(row, u, true)
-if err then return err end
 local bkey = base .. ':~b:' .. id
+if err then
+  -- It stays dead, with the reason this replay was refused.
+  redis.call('HSET', bkey, 'error', 'replay refused: ' .. err[1] .. ' on ' .. err[2])
+  return err
+end
 redis.call('DEL', bkey .. ':1', bkey)
 redis.call('ZREM', dead, id)
 local score = tonumber(redis.call('HGET', row, '_f'))

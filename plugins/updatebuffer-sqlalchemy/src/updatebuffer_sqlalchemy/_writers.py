@@ -77,6 +77,42 @@ def _params(sig: Signature, update: Update) -> Params:
     return out
 
 
+# Dialects whose datetime columns keep no UTC offset: SQLAlchemy stores an aware datetime's wall
+# clock there, so 13:00+02:00 would be stored as 13:00 and compare after 12:00Z. MySQL and
+# MariaDB are listed by name, not tested here.
+_OFFSET_DROPPING = frozenset({"sqlite", "mysql", "mariadb"})
+_UTC = datetime.timezone.utc
+
+
+def _utc_params(model: Model, sig: Signature) -> Callable[[Signature, Update], Params]:
+    """Return the parameter builder of *sig* that binds aware datetimes as UTC instants.
+
+    Only values bound to datetime columns through ``extra``, ``greatest`` or ``least`` are
+    converted; filters stay as given, to match the rows as the host stored them.
+    """
+    fields = [
+        (f"{_PREFIX[op]}{i}", op, name)
+        for op, names in zip(("extra", "greatest", "least"), sig[2:], strict=True)
+        for i, name in enumerate(names)
+        if isinstance(model.columns[name].type, sa.DateTime)
+    ]
+    if not fields:
+        return _params
+
+    def params(sig: Signature, update: Update) -> Params:
+        out = _params(sig, update)
+        for key, op, name in fields:
+            value = getattr(update, op)[name]
+            if type(value) is datetime.datetime:
+                tz = value.tzinfo
+                # Already UTC (the codec's own tzinfo): its wall clock is the instant.
+                if tz is not None and tz is not _UTC:
+                    out[key] = value.astimezone(_UTC)
+        return out
+
+    return params
+
+
 class Writer:
     """Generic SQLAlchemy writer: one statement per row shape, executed for many rows.
 
@@ -86,8 +122,20 @@ class Writer:
 
     def __init__(self, dialect: Dialect) -> None:
         self.dialect = dialect
+        # Where offsets are dropped, values are stored as UTC instants so that greatest/least
+        # and later reads compare instants, not wall clocks.
+        self._utc = dialect.name in _OFFSET_DROPPING
         self._cache: dict[Hashable, Any] = {}
         self._cache_lock = threading.Lock()
+
+    def params(self, model: Model, sig: Signature) -> Callable[[Signature, Update], Params]:
+        """Return the function building one row's bound parameters for *sig*."""
+        if not self._utc:
+            return _params
+        built: Callable[[Signature, Update], Params] = self._cached(
+            ("params", model.name, sig), partial(_utc_params, model, sig)
+        )
+        return built
 
     def _cached(self, key: Hashable, build: Callable[[], Any]) -> Any:
         stmt = self._cache.get(key)
@@ -170,7 +218,8 @@ class Writer:
         """Apply the rows to existing rows; return how many rows matched none."""
         missing = 0
         for sig, run in _sorted_runs(groups):
-            result = conn.execute(self.update_stmt(model, sig), [_params(sig, u) for u in run])
+            params = self.params(model, sig)
+            result = conn.execute(self.update_stmt(model, sig), [params(sig, u) for u in run])
             if result.rowcount >= 0:
                 missing += max(0, len(run) - result.rowcount)
         return missing
@@ -181,8 +230,9 @@ class Writer:
         for sig, run in _sorted_runs(groups):
             update = self.update_stmt(model, sig)
             insert = self._cached(("insert", model.name, sig), partial(self._insert, model, sig))
+            build = self.params(model, sig)
             for u in run:
-                params = _params(sig, u)
+                params = build(sig, u)
                 # Row by row, because only a single-row UPDATE says whether this row exists. A
                 # concurrent insert of the same key fails the transaction; the retry updates it.
                 if conn.execute(update, params).rowcount > 0:
@@ -219,7 +269,8 @@ class SQLiteWriter(Writer):
             flags = self._existing(conn, model, sig, run)
             created.update((id(u), made) for u, made in zip(run, flags, strict=True))
             stmt = self._cached(("upsert", model.name, sig), partial(self._upsert, model, sig))
-            conn.execute(stmt, [_params(sig, u) for u in run])
+            params = self.params(model, sig)
+            conn.execute(stmt, [params(sig, u) for u in run])
         return created
 
     def _upsert(self, model: Model, sig: Signature) -> Any:
