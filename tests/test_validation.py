@@ -227,7 +227,14 @@ def test_every_supported_type_is_accepted(buf):
         "uuid": uuid.UUID(int=7),
     }
     ordered = {k: v for k, v in every.items() if k not in {"none", "bool"}}
-    buf.incr("groups", {"times_seen": 1}, every, every, greatest=ordered, least=ordered)
+    buf.incr(
+        "groups",
+        {"times_seen": 1},
+        every,
+        every,
+        greatest={f"max_{k}": v for k, v in ordered.items()},
+        least={f"min_{k}": v for k, v in ordered.items()},
+    )
     assert buf.stats().updates_accepted == 1
 
 

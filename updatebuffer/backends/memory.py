@@ -9,6 +9,7 @@ of counts on a crash is not acceptable, or when several processes must share one
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from updatebuffer._validate import (
     INT64_MIN,
     check_operations,
     check_sum,
+    conflicting_operations,
     ordered_pick,
     require_filters,
     row_identity,
@@ -322,8 +324,13 @@ class MemoryBuffer(_Closeable):
                     row = self._pending.get((model, (name, tag, value)))
                     if row is not None and not self._closed:
                         held = row.columns
-                        total = held.get(column, 0) + delta
-                        if type(total) is not int or INT64_MIN <= total <= INT64_MAX:
+                        old = held.get(column)
+                        # A column new to the row takes the general path, which checks its name
+                        # and that the row has no other operation on it. A float + an int64
+                        # delta cannot leave the finite range, so only an int sum is checked.
+                        if old is not None and (
+                            type(total := old + delta) is not int or INT64_MIN <= total <= INT64_MAX
+                        ):
                             held[column] = total
                             row.count += 1
                             if not signal_only and row.signal_only:
@@ -639,10 +646,28 @@ def _merge_into(
     current = row.columns
     for name, delta in cols.items():
         old = current.get(name)
-        total = delta if old is None else old + delta
-        if type(total) is int and (total > INT64_MAX or total < INT64_MIN):
-            check_sum(name, total)
+        if old is None:
+            total = delta
+            _check_unclaimed(name, "columns", row)
+        else:
+            # Python's own left-to-right sum: int + float is float(int) + float, the reference
+            # every backend reproduces to the bit.
+            total = old + delta
+            if (
+                total > INT64_MAX or total < INT64_MIN
+                if type(total) is int
+                else not math.isfinite(total)
+            ):
+                check_sum(name, total)
         sums.append((name, total))
+    for what, incoming, mine in (
+        ("extra", ext, row.extra),
+        ("greatest", most, row.greatest),
+        ("least", fewest, row.least),
+    ):
+        for name in incoming:
+            if name not in mine:
+                _check_unclaimed(name, what, row)
     picks: list[tuple[dict[str, Value], str, Value]] = []
     for what, incoming, held, greater in (
         ("greatest", most, row.greatest, True),
@@ -660,6 +685,19 @@ def _merge_into(
     if not signal_only:
         row.signal_only = False
     row.count += 1
+
+
+def _check_unclaimed(name: str, what: str, row: _Row) -> None:
+    # One operation per column per row: a column summed by one incr and set by `extra` (or
+    # ordered) by another has no single meaning for the host's row.
+    for other, held in (
+        ("columns", row.columns),
+        ("extra", row.extra),
+        ("greatest", row.greatest),
+        ("least", row.least),
+    ):
+        if other != what and name in held:
+            raise conflicting_operations(name, other, what)
 
 
 def _row_from_update(update: Update) -> _Row:
