@@ -310,9 +310,7 @@ def test_decoding_arbitrary_bytes_returns_a_supported_value_or_raises_value_erro
     assert decode_value(encode_value(value)) == value
 
 
-@pytest.mark.parametrize(
-    "text", ["bad\ud800", "\udfff", "ok\udc80ok", "\ud83d\ude00"], ids=ascii
-)
+@pytest.mark.parametrize("text", ["bad\ud800", "\udfff", "ok\udc80ok", "\ud83d\ude00"], ids=ascii)
 def test_a_lone_surrogate_is_refused_naming_the_field(text):
     with pytest.raises(InvalidUpdateError, match=r"extra\['m'\].*surrogate") as info:
         encode_value(text, "extra['m']")

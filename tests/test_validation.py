@@ -306,3 +306,18 @@ def test_least_of_another_type_than_the_buffered_one_is_rejected(flush):
         buf.incr("groups", None, {"id": 1}, least={"first_seen": NOW})
     assert buf.get("groups", {"id": 1}).least == {"first_seen": datetime.date(2024, 1, 1)}
     buf.close()
+
+
+@pytest.mark.parametrize(
+    ("delta", "shown"),
+    [(decimal.Decimal("1.5"), "Decimal('1.5')"), ("1", "'1'")],
+    ids=repr,
+)
+def test_a_delta_of_another_number_type_says_what_is_accepted_and_what_was_given(buf, delta, shown):
+    with pytest.raises(InvalidUpdateError) as info:
+        call(buf, columns={"n": delta})
+    message = str(info.value)
+    assert message.startswith("columns['n']: delta must be an int or a finite float, got ")
+    assert shown in message
+    assert message.endswith("; convert it with float() or int()")
+    assert info.value.expected == "int or finite float"

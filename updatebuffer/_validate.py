@@ -144,8 +144,8 @@ def check_columns(columns: object) -> dict[str, Number]:
                 else ""
             )
             raise InvalidUpdateError(
-                f"columns[{name!r}]: delta must be an int or a finite float, got {got} "
-                f"{_short_repr(delta)}{hint}",
+                f"columns[{name!r}]: delta must be an int or a finite float, got "
+                f"{_short_repr(delta)} ({got}){hint}",
                 field=f"columns[{name!r}]",
                 expected="int or finite float",
                 got=got,
