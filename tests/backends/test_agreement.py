@@ -289,6 +289,14 @@ def test_greatest_and_least_of_numbers_agree_exactly(redis_client, values):
 
 
 @given(st.lists(moments, min_size=1, max_size=6), st.lists(st.integers(-1439, 1439), min_size=6))
+@example(
+    [
+        datetime.datetime(9999, 12, 30, 23, 59, 59, 999998, tzinfo=UTC),
+        datetime.datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime.datetime(9999, 12, 30, 23, 59, 59, 999997, tzinfo=UTC),
+    ],
+    [0] * 6,
+)
 @SETTINGS
 def test_greatest_and_least_of_datetimes_agree_exactly(redis_client, values, offsets):
     values = [
