@@ -269,12 +269,18 @@ class Operations(NamedTuple):
 
 
 def check_operations(
-    columns: object, extra: object, greatest: object, least: object, signal_only: object
+    columns: object,
+    extra: object,
+    greatest: object,
+    least: object,
+    signal_only: object,
+    filters: object = None,
 ) -> Operations:
     """Check everything of an ``incr`` except the row identity, as every backend must.
 
     A column may take one operation per update: ``{"n": 1}`` with ``greatest={"n": 5}`` has no
-    single meaning for the host's row (SQL writers refuse it), so it is refused here.
+    single meaning for the host's row (SQL writers refuse it), so it is refused here; so is an
+    operation on a column that identifies the row (a name of the already checked *filters*).
 
     :raises InvalidUpdateError: naming the field and the type, or the column and both operators.
     """
@@ -292,6 +298,17 @@ def check_operations(
     )
     if ops.extra or ops.greatest or ops.least:
         check_one_operation(ops)
+    if isinstance(filters, Mapping):
+        named = (
+            ("columns", ops.columns),
+            ("extra", ops.extra),
+            ("greatest", ops.greatest),
+            ("least", ops.least),
+        )
+        for name in filters:
+            for what, values in named:
+                if name in values:
+                    raise conflicting_operations(name, "filters", what)
     return ops
 
 
@@ -311,6 +328,6 @@ def conflicting_operations(name: str, first: str, second: str) -> InvalidUpdateE
         f"{second}[{name!r}]: column {name!r} is also given in {first}; a column takes one "
         "operation per row (a sum, a last value, a greatest or a least), not two",
         field=f"{second}[{name!r}]",
-        expected=f"{name!r} in only one of columns/extra/greatest/least",
+        expected=f"{name!r} in only one of filters/columns/extra/greatest/least",
         got=f"{first} and {second}",
     )

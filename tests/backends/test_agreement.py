@@ -407,3 +407,19 @@ def test_a_column_in_two_operations_of_two_incrs_is_refused_at_the_second(
     assert [(u.count, u.columns, u.extra) for u in rec.updates()] == [
         (1, first if first_op == "columns" else {}, first if first_op == "extra" else {})
     ]
+
+
+@pytest.mark.parametrize("kind", ["memory", "direct", "redis", "redis-window"])
+@pytest.mark.parametrize("what", ["columns", "extra", "greatest", "least"])
+def test_an_operation_on_a_filter_column_is_refused(redis_client, kind, what):
+    rec = Recorder()
+    buf = make(kind, rec, redis_client)
+    buf.incr("g", {"n": 1}, {"id": 1})
+    # The fast paths first: one int column, one filter, the row already pending.
+    with pytest.raises(InvalidUpdateError) as info:
+        buf.incr("g", filters={"id": 1}, **{what: {"id": 2}})
+    assert info.value.field == f"{what}['id']"
+    assert info.value.got == f"filters and {what}"
+    buf.drain()
+    buf.close()
+    assert [(u.columns, u.count) for u in rec.updates()] == [({"n": 1}, 1)]

@@ -352,7 +352,7 @@ class MemoryBuffer(_Closeable):
             require_filters(filters)
         key = row_identity(model, filters)
         cols, ext, most, fewest, signal_only = check_operations(
-            columns, extra, greatest, least, signal_only
+            columns, extra, greatest, least, signal_only, filters
         )
         deadline: float | None = None
         while True:

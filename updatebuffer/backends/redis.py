@@ -873,6 +873,8 @@ class RedisBuffer(_Closeable):
         """
         canonical = encode_row(model, filters)  # validates model, name and value
         check_name(column, "columns key")  # a str Redis cannot take (a lone surrogate)
+        if column in filters:
+            raise conflicting_operations(column, "filters", "columns")
         part, member = self._locate(model, canonical)
         sha = self._scripts[part.node]["incr"].sha
         head = (
@@ -1004,7 +1006,7 @@ class RedisBuffer(_Closeable):
         if not filters:
             require_filters(filters)
         canonical = encode_row(model, filters)  # type: ignore[arg-type]  # None refused above
-        ops = check_operations(columns, extra, greatest, least, signal_only)
+        ops = check_operations(columns, extra, greatest, least, signal_only, filters)
         args = _update_args(
             "", canonical, ops.signal_only, 1, 0, ops.columns, ops.extra, ops.greatest, ops.least
         )
