@@ -231,7 +231,7 @@ def test_every_supported_type_is_accepted(buf):
         "groups",
         {"times_seen": 1},
         every,
-        every,
+        {f"set_{k}": v for k, v in every.items()},
         greatest={f"max_{k}": v for k, v in ordered.items()},
         least={f"min_{k}": v for k, v in ordered.items()},
     )
