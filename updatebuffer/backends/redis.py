@@ -286,7 +286,7 @@ def _raw_update_args(member: str, row: Mapping[bytes, bytes]) -> list[bytes | st
     return args
 
 
-_UNDERSCORE, _SUM, _EXTRA, _MAX, _MIN = (ord(c) for c in "_cegl")
+_UNDERSCORE, _SUM, _EXTRA, _MAX, _MIN, _OWNED = (ord(c) for c in "_cegl~")
 
 
 def _is_float_text(value: bytes) -> bool:
@@ -321,8 +321,14 @@ def _decode_row(raw: Sequence[bytes]) -> Update:
         elif field[1:2] == b":":
             name = field[2:].decode("utf-8")
             if tag == _SUM:
-                if value[:1] != b"~":  # not the mark of a column another operation owns
-                    columns[name] = float(value) if _is_float_text(value) else int(value)
+                # Inline _is_float_text (once per column of every flushed row); '~' marks a
+                # name another operation owns.
+                if value[0] == _OWNED:
+                    pass
+                elif b"." in value or b"e" in value:
+                    columns[name] = float(value)
+                else:
+                    columns[name] = int(value)
             elif tag == _EXTRA:
                 extra[name] = decode_value(value)
             elif tag == _MAX:
