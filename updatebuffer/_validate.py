@@ -274,7 +274,7 @@ def check_operations(
     greatest: object,
     least: object,
     signal_only: object,
-    filters: object = None,
+    filters: Mapping[str, object] | None = None,
 ) -> Operations:
     """Check everything of an ``incr`` except the row identity, as every backend must.
 
@@ -289,33 +289,40 @@ def check_operations(
         raise InvalidUpdateError(
             f"signal_only must be a bool, got {got}", field="signal_only", expected="bool", got=got
         )
-    ops = Operations(
-        check_columns(columns),
-        check_values(extra, "extra") if extra else {},
-        check_ordered(greatest, "greatest") if greatest else {},
-        check_ordered(least, "least") if least else {},
-        signal_only,
-    )
-    if ops.extra or ops.greatest or ops.least:
-        check_one_operation(ops)
-    if isinstance(filters, Mapping):
-        named = (
-            ("columns", ops.columns),
-            ("extra", ops.extra),
-            ("greatest", ops.greatest),
-            ("least", ops.least),
-        )
+    cols = check_columns(columns)
+    ext = check_values(extra, "extra") if extra else {}
+    most = check_ordered(greatest, "greatest") if greatest else {}
+    fewest = check_ordered(least, "least") if least else {}
+    if ext or most or fewest:
+        # One set of every name (built in C): no Python loop unless two operations share one.
+        names = {*cols, *ext, *most, *fewest}
+        size = len(cols) + len(ext) + len(most) + len(fewest)
+        if filters:
+            names.update(filters)
+            size += len(filters)
+        if len(names) != size:
+            check_one_operation(Operations(cols, ext, most, fewest, signal_only), filters)
+    elif filters and cols:
         for name in filters:
-            for what, values in named:
-                if name in values:
-                    raise conflicting_operations(name, "filters", what)
-    return ops
+            if name in cols:
+                raise conflicting_operations(name, "filters", "columns")
+    return Operations(cols, ext, most, fewest, signal_only)
 
 
-def check_one_operation(ops: Operations) -> None:
-    """Raise :class:`InvalidUpdateError` if a column appears under two operators of *ops*."""
-    seen: dict[str, str] = dict.fromkeys(ops.columns, "columns")
-    for what, values in (("extra", ops.extra), ("greatest", ops.greatest), ("least", ops.least)):
+def check_one_operation(ops: Operations, filters: Mapping[str, object] | None = None) -> None:
+    """Raise :class:`InvalidUpdateError` if a column appears under two operators of *ops*.
+
+    :param filters: the row's (checked) filters: an operation on one of them is refused too.
+    """
+    named: list[tuple[str, Mapping[str, object]]] = [
+        ("filters", filters or {}),
+        ("columns", ops.columns),
+        ("extra", ops.extra),
+        ("greatest", ops.greatest),
+        ("least", ops.least),
+    ]
+    seen: dict[str, str] = {}
+    for what, values in named:
         for name in values:
             other = seen.setdefault(name, what)
             if other != what:

@@ -660,21 +660,20 @@ def _merge_into(
             ):
                 check_sum(name, total)
         sums.append((name, total))
-    for what, incoming, mine in (
-        ("extra", ext, row.extra),
-        ("greatest", most, row.greatest),
-        ("least", fewest, row.least),
-    ):
-        for name in incoming:
-            if name not in mine:
-                _check_unclaimed(name, what, row)
+    if ext and not row.extra.keys() >= ext.keys():
+        for name in ext:
+            if name not in row.extra:
+                _check_unclaimed(name, "extra", row)
     picks: list[tuple[dict[str, Value], str, Value]] = []
     for what, incoming, held, greater in (
         ("greatest", most, row.greatest, True),
         ("least", fewest, row.least, False),
     ):
         for name, value in incoming.items():
-            if name not in held or ordered_pick(what, name, held[name], value, greater):
+            if name not in held:
+                _check_unclaimed(name, what, row)
+                picks.append((held, name, value))
+            elif ordered_pick(what, name, held[name], value, greater):
                 picks.append((held, name, value))
     for name, total in sums:
         current[name] = total
