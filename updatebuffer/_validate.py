@@ -275,6 +275,8 @@ def check_operations(
     least: object,
     signal_only: object,
     filters: Mapping[str, object] | None = None,
+    *,
+    distinct: bool = True,
 ) -> Operations:
     """Check everything of an ``incr`` except the row identity, as every backend must.
 
@@ -282,6 +284,9 @@ def check_operations(
     single meaning for the host's row (SQL writers refuse it), so it is refused here; so is an
     operation on a column that identifies the row (a name of the already checked *filters*).
 
+    :param distinct: whether to refuse a column given two operations (or a filter's column);
+        a backend that checks it as it merges passes false and calls
+        :func:`check_one_operation` itself.
     :raises InvalidUpdateError: naming the field and the type, or the column and both operators.
     """
     if signal_only is not True and signal_only is not False:
@@ -289,24 +294,16 @@ def check_operations(
         raise InvalidUpdateError(
             f"signal_only must be a bool, got {got}", field="signal_only", expected="bool", got=got
         )
-    cols = check_columns(columns)
-    ext = check_values(extra, "extra") if extra else {}
-    most = check_ordered(greatest, "greatest") if greatest else {}
-    fewest = check_ordered(least, "least") if least else {}
-    if ext or most or fewest:
-        # One set of every name (built in C): no Python loop unless two operations share one.
-        names = {*cols, *ext, *most, *fewest}
-        size = len(cols) + len(ext) + len(most) + len(fewest)
-        if filters:
-            names.update(filters)
-            size += len(filters)
-        if len(names) != size:
-            check_one_operation(Operations(cols, ext, most, fewest, signal_only), filters)
-    elif filters and cols:
-        for name in filters:
-            if name in cols:
-                raise conflicting_operations(name, "filters", "columns")
-    return Operations(cols, ext, most, fewest, signal_only)
+    ops = Operations(
+        check_columns(columns),
+        check_values(extra, "extra") if extra else {},
+        check_ordered(greatest, "greatest") if greatest else {},
+        check_ordered(least, "least") if least else {},
+        signal_only,
+    )
+    if distinct:
+        check_one_operation(ops, filters)
+    return ops
 
 
 def check_one_operation(ops: Operations, filters: Mapping[str, object] | None = None) -> None:
@@ -314,15 +311,28 @@ def check_one_operation(ops: Operations, filters: Mapping[str, object] | None = 
 
     :param filters: the row's (checked) filters: an operation on one of them is refused too.
     """
-    named: list[tuple[str, Mapping[str, object]]] = [
-        ("filters", filters or {}),
-        ("columns", ops.columns),
-        ("extra", ops.extra),
-        ("greatest", ops.greatest),
-        ("least", ops.least),
-    ]
+    cols, ext, most, fewest, _ = ops
+    if filters is None:
+        filters = {}
+    if not (ext or most or fewest):
+        for name in filters:
+            if name in cols:
+                raise conflicting_operations(name, "filters", "columns")
+        return
+    # One merged dict of every name (built in C): no Python loop unless two operations share
+    # a name.
+    if len({**filters, **cols, **ext, **most, **fewest}) == len(filters) + len(cols) + len(
+        ext
+    ) + len(most) + len(fewest):
+        return
     seen: dict[str, str] = {}
-    for what, values in named:
+    for what, values in (
+        ("filters", filters),
+        ("columns", cols),
+        ("extra", ext),
+        ("greatest", most),
+        ("least", fewest),
+    ):
         for name in values:
             other = seen.setdefault(name, what)
             if other != what:

@@ -25,6 +25,7 @@ from updatebuffer._validate import (
     _FAST_TAGS,
     INT64_MAX,
     INT64_MIN,
+    check_one_operation,
     check_operations,
     check_sum,
     conflicting_operations,
@@ -351,9 +352,10 @@ class MemoryBuffer(_Closeable):
         if not filters:
             require_filters(filters)
         key = row_identity(model, filters)
-        cols, ext, most, fewest, signal_only = check_operations(
-            columns, extra, greatest, least, signal_only, filters
-        )
+        # One operation per column: checked below, only for a new row or for names new to a
+        # pending row (a merge into a row that already has every name needs no check).
+        ops = check_operations(columns, extra, greatest, least, signal_only, distinct=False)
+        cols, ext, most, fewest, signal_only = ops
         deadline: float | None = None
         while True:
             with self._lock:
@@ -363,6 +365,13 @@ class MemoryBuffer(_Closeable):
                 if row is not None:
                     _merge_into(row, cols, ext, most, fewest, signal_only)
                     return
+                if deadline is None:
+                    if ext or most or fewest:
+                        check_one_operation(ops, filters)
+                    else:  # inline for the common shape, a new row of sums only
+                        for name in filters:  # type: ignore[union-attr]  # checked by row_identity
+                            if name in cols:
+                                raise conflicting_operations(name, "filters", "columns")
                 if len(self._pending) < self.max_rows:
                     self._pending[key] = _Row(
                         model,
@@ -648,7 +657,7 @@ def _merge_into(
         old = current.get(name)
         if old is None:
             total = delta
-            _check_unclaimed(name, "columns", row)
+            _check_unclaimed(name, "columns", row, cols, ext, most, fewest)
         else:
             # Python's own left-to-right sum: int + float is float(int) + float, the reference
             # every backend reproduces to the bit.
@@ -660,10 +669,10 @@ def _merge_into(
             ):
                 check_sum(name, total)
         sums.append((name, total))
-    if ext and not row.extra.keys() >= ext.keys():
-        for name in ext:
-            if name not in row.extra:
-                _check_unclaimed(name, "extra", row)
+    held_extra = row.extra
+    for name in ext:
+        if name not in held_extra:
+            _check_unclaimed(name, "extra", row, cols, ext, most, fewest)
     picks: list[tuple[dict[str, Value], str, Value]] = []
     for what, incoming, held, greater in (
         ("greatest", most, row.greatest, True),
@@ -671,7 +680,7 @@ def _merge_into(
     ):
         for name, value in incoming.items():
             if name not in held:
-                _check_unclaimed(name, what, row)
+                _check_unclaimed(name, what, row, cols, ext, most, fewest)
                 picks.append((held, name, value))
             elif ordered_pick(what, name, held[name], value, greater):
                 picks.append((held, name, value))
@@ -686,17 +695,36 @@ def _merge_into(
     row.count += 1
 
 
-def _check_unclaimed(name: str, what: str, row: _Row) -> None:
+def _check_unclaimed(
+    name: str,
+    what: str,
+    row: _Row,
+    cols: dict[str, Number],
+    ext: dict[str, Value],
+    most: dict[str, Value],
+    fewest: dict[str, Value],
+) -> None:
     # One operation per column per row: a column summed by one incr and set by `extra` (or
-    # ordered) by another has no single meaning for the host's row.
-    for other, held in (
-        ("columns", row.columns),
-        ("extra", row.extra),
-        ("greatest", row.greatest),
-        ("least", row.least),
-    ):
+    # ordered) by another has no single meaning for the host's row. Called for names new to
+    # the row only; a clash within this update is named in check_operations' order first.
+    named: tuple[tuple[str, Mapping[str, object], Mapping[str, object]], ...] = (
+        ("columns", row.columns, cols),
+        ("extra", row.extra, ext),
+        ("greatest", row.greatest, most),
+        ("least", row.least, fewest),
+    )
+    incoming = [other for other, _, new in named if other != what and name in new]
+    if incoming:
+        first, second = sorted((incoming[0], what), key=_OPERATION_ORDER.index)
+        raise conflicting_operations(name, first, second)
+    if name in row.filters:
+        raise conflicting_operations(name, "filters", what)
+    for other, held, _ in named:
         if other != what and name in held:
             raise conflicting_operations(name, other, what)
+
+
+_OPERATION_ORDER = ("filters", "columns", "extra", "greatest", "least")
 
 
 def _row_from_update(update: Update) -> _Row:
