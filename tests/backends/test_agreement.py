@@ -374,9 +374,14 @@ CONFLICTS = [
 
 @pytest.mark.parametrize("kind", ["memory", "direct", "redis", "redis-window"])
 @pytest.mark.parametrize(("ops", "field", "got"), CONFLICTS, ids=[c[2] for c in CONFLICTS])
-def test_a_column_in_two_operations_of_one_incr_is_refused(redis_client, kind, ops, field, got):
+@pytest.mark.parametrize("pending", [False, True], ids=["new-row", "pending-row"])
+def test_a_column_in_two_operations_of_one_incr_is_refused(
+    redis_client, kind, ops, field, got, pending
+):
     rec = Recorder()
     buf = make(kind, rec, redis_client)
+    if pending:
+        buf.incr("g", {"z": 1}, {"id": 1})
     with pytest.raises(InvalidUpdateError) as info:
         buf.incr("g", filters={"id": 1}, **ops)
     assert info.value.field == field
@@ -384,7 +389,7 @@ def test_a_column_in_two_operations_of_one_incr_is_refused(redis_client, kind, o
     assert "'n'" in str(info.value)
     buf.drain()
     buf.close()
-    assert rec.updates() == []
+    assert [(u.columns, u.count) for u in rec.updates()] == ([({"z": 1}, 1)] if pending else [])
 
 
 @pytest.mark.parametrize("kind", ["memory", "redis"])
