@@ -227,7 +227,14 @@ def test_every_supported_type_is_accepted(buf):
         "uuid": uuid.UUID(int=7),
     }
     ordered = {k: v for k, v in every.items() if k not in {"none", "bool"}}
-    buf.incr("groups", {"times_seen": 1}, every, every, greatest=ordered, least=ordered)
+    buf.incr(
+        "groups",
+        {"times_seen": 1},
+        every,
+        {f"set_{k}": v for k, v in every.items()},
+        greatest={f"max_{k}": v for k, v in ordered.items()},
+        least={f"min_{k}": v for k, v in ordered.items()},
+    )
     assert buf.stats().updates_accepted == 1
 
 
@@ -299,3 +306,18 @@ def test_least_of_another_type_than_the_buffered_one_is_rejected(flush):
         buf.incr("groups", None, {"id": 1}, least={"first_seen": NOW})
     assert buf.get("groups", {"id": 1}).least == {"first_seen": datetime.date(2024, 1, 1)}
     buf.close()
+
+
+@pytest.mark.parametrize(
+    ("delta", "shown"),
+    [(decimal.Decimal("1.5"), "Decimal('1.5')"), ("1", "'1'")],
+    ids=repr,
+)
+def test_a_delta_of_another_number_type_says_what_is_accepted_and_what_was_given(buf, delta, shown):
+    with pytest.raises(InvalidUpdateError) as info:
+        call(buf, columns={"n": delta})
+    message = str(info.value)
+    assert message.startswith("columns['n']: delta must be an int or a finite float, got ")
+    assert shown in message
+    assert message.endswith("; convert it with float() or int()")
+    assert info.value.expected == "int or finite float"

@@ -21,10 +21,12 @@ __all__ = [
     "INT64_MIN",
     "Operations",
     "check_columns",
+    "check_one_operation",
     "check_operations",
     "check_ordered",
     "check_sum",
     "check_values",
+    "conflicting_operations",
     "ordered_pick",
     "require_filters",
     "row_identity",
@@ -59,7 +61,8 @@ def _bad_mapping(what: str, value: object) -> InvalidUpdateError:
 
 def _filter_part(name: str, value: object) -> tuple[str, str, Any]:
     tag = _FAST_TAGS.get(type(value))
-    if tag is not None:
+    # A non-ASCII str goes through the codec, which refuses what UTF-8 cannot encode.
+    if tag is not None and (tag != "s" or value.isascii()):  # type: ignore[attr-defined]  # a str
         return (name, tag, value)
     encoded = encode_value(value, f"filters[{name!r}]")
     # Subclasses (IntEnum, bytearray, str enums) collapse to their base type, like the codec.
@@ -78,17 +81,17 @@ def row_identity(model: object, filters: object) -> Hashable:
 
     :raises InvalidUpdateError: the model, a filter name or a filter value is invalid.
     """
-    if type(model) is not str or not model:
+    if type(model) is not str or not model or not model.isascii():
         check_name(model, "model")
     if not isinstance(filters, Mapping):
         raise _bad_mapping("filters", filters)
     if len(filters) == 1:
         for name, value in filters.items():
-            if type(name) is not str or not name:
+            if type(name) is not str or not name or not name.isascii():
                 check_name(name, "filters key")
             return (model, _filter_part(name, value))
     for name in filters:
-        if type(name) is not str or not name:
+        if type(name) is not str or not name or not name.isascii():
             check_name(name, "filters key")
     return (model, *[_filter_part(name, filters[name]) for name in sorted(filters)])
 
@@ -107,7 +110,7 @@ def check_columns(columns: object) -> dict[str, Number]:
         raise _bad_mapping("columns", columns)
     out: dict[str, Number] = {}
     for name, delta in columns.items():
-        if type(name) is not str or not name:
+        if type(name) is not str or not name or not name.isascii():
             check_name(name, "columns key")
         kind = type(delta)
         if kind is int:
@@ -133,25 +136,51 @@ def check_columns(columns: object) -> dict[str, Number]:
             continue
         else:
             got = type_name(delta)
+            hint = (
+                "; convert it with float() or int()"
+                if isinstance(delta, (decimal.Decimal, str))
+                else "; a bool is refused because True as a delta is almost always a bug"
+                if isinstance(delta, bool)
+                else ""
+            )
             raise InvalidUpdateError(
-                f"columns[{name!r}]: delta must be int or float (not bool), got {got}",
+                f"columns[{name!r}]: delta must be an int or a finite float, got "
+                f"{_short_repr(delta)} ({got}){hint}",
                 field=f"columns[{name!r}]",
-                expected="int or float",
+                expected="int or finite float",
                 got=got,
             )
         out[name] = delta
     return out
 
 
+def _short_repr(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
 def check_sum(name: str, total: Number) -> None:
-    """Raise :class:`InvalidUpdateError` if a merged integer *total* leaves signed 64-bit."""
-    if type(total) is int and not INT64_MIN <= total <= INT64_MAX:
+    """Raise :class:`InvalidUpdateError` if a merged sum cannot be stored.
+
+    An int *total* must stay within signed 64-bit, a float *total* finite (``1e308 + 1e308`` is
+    ``inf``, which no database column takes back as the sum of finite deltas).
+    """
+    if type(total) is int:
+        if not INT64_MIN <= total <= INT64_MAX:
+            raise InvalidUpdateError(
+                f"columns[{name!r}]: the buffered int sum would overflow signed 64-bit "
+                f"({total}); the update was not stored",
+                field=f"columns[{name!r}]",
+                expected="sum in [-2**63, 2**63-1]",
+                got="int",
+            )
+    elif not math.isfinite(total):
         raise InvalidUpdateError(
-            f"columns[{name!r}]: the buffered int sum would overflow signed 64-bit ({total}); "
+            f"columns[{name!r}]: the buffered float sum would not be finite ({total!r}); "
             "the update was not stored",
             field=f"columns[{name!r}]",
-            expected="sum in [-2**63, 2**63-1]",
-            got="int",
+            expected="finite float sum",
+            got="float",
         )
 
 
@@ -166,9 +195,10 @@ def check_values(values: object, what: str) -> dict[str, Value]:
         raise _bad_mapping(what, values)
     out: dict[str, Value] = {}
     for name, value in values.items():
-        if type(name) is not str or not name:
+        if type(name) is not str or not name or not name.isascii():
             check_name(name, f"{what} key")
-        if type(value) not in _FAST_TAGS:
+        kind = type(value)
+        if kind not in _FAST_TAGS or (kind is str and not value.isascii()):
             check_value(value, f"{what}[{name!r}]")
         out[name] = value
     return out
@@ -239,21 +269,82 @@ class Operations(NamedTuple):
 
 
 def check_operations(
-    columns: object, extra: object, greatest: object, least: object, signal_only: object
+    columns: object,
+    extra: object,
+    greatest: object,
+    least: object,
+    signal_only: object,
+    filters: Mapping[str, object] | None = None,
+    *,
+    distinct: bool = True,
 ) -> Operations:
     """Check everything of an ``incr`` except the row identity, as every backend must.
 
-    :raises InvalidUpdateError: naming the field and the type.
+    A column may take one operation per update: ``{"n": 1}`` with ``greatest={"n": 5}`` has no
+    single meaning for the host's row (SQL writers refuse it), so it is refused here; so is an
+    operation on a column that identifies the row (a name of the already checked *filters*).
+
+    :param distinct: whether to refuse a column given two operations (or a filter's column);
+        a backend that checks it as it merges passes false and calls
+        :func:`check_one_operation` itself.
+    :raises InvalidUpdateError: naming the field and the type, or the column and both operators.
     """
     if signal_only is not True and signal_only is not False:
         got = type_name(signal_only)
         raise InvalidUpdateError(
             f"signal_only must be a bool, got {got}", field="signal_only", expected="bool", got=got
         )
-    return Operations(
+    ops = Operations(
         check_columns(columns),
         check_values(extra, "extra") if extra else {},
         check_ordered(greatest, "greatest") if greatest else {},
         check_ordered(least, "least") if least else {},
         signal_only,
+    )
+    if distinct:
+        check_one_operation(ops, filters)
+    return ops
+
+
+def check_one_operation(ops: Operations, filters: Mapping[str, object] | None = None) -> None:
+    """Raise :class:`InvalidUpdateError` if a column appears under two operators of *ops*.
+
+    :param filters: the row's (checked) filters: an operation on one of them is refused too.
+    """
+    cols, ext, most, fewest, _ = ops
+    if filters is None:
+        filters = {}
+    if not (ext or most or fewest):
+        for name in filters:
+            if name in cols:
+                raise conflicting_operations(name, "filters", "columns")
+        return
+    # One merged dict of every name (built in C): no Python loop unless two operations share
+    # a name.
+    if len({**filters, **cols, **ext, **most, **fewest}) == len(filters) + len(cols) + len(
+        ext
+    ) + len(most) + len(fewest):
+        return
+    seen: dict[str, str] = {}
+    for what, values in (
+        ("filters", filters),
+        ("columns", cols),
+        ("extra", ext),
+        ("greatest", most),
+        ("least", fewest),
+    ):
+        for name in values:
+            other = seen.setdefault(name, what)
+            if other != what:
+                raise conflicting_operations(name, other, what)
+
+
+def conflicting_operations(name: str, first: str, second: str) -> InvalidUpdateError:
+    """Return the error for column *name* given both *first* and *second* operations."""
+    return InvalidUpdateError(
+        f"{second}[{name!r}]: column {name!r} is also given in {first}; a column takes one "
+        "operation per row (a sum, a last value, a greatest or a least), not two",
+        field=f"{second}[{name!r}]",
+        expected=f"{name!r} in only one of filters/columns/extra/greatest/least",
+        got=f"{first} and {second}",
     )

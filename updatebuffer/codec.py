@@ -80,8 +80,13 @@ def _payload(value: object, field: str) -> tuple[bytes, bytes]:
             raise _reject(field, value, f"{value!r} is not finite")
         return b"f", _DOUBLE.pack(value)
     if isinstance(value, str):
-        # surrogatepass keeps every Python str encodable, so no str is rejected.
-        return b"s", str.encode(value, "utf-8", "surrogatepass")
+        try:
+            return b"s", str.encode(value, "utf-8")
+        except UnicodeEncodeError as exc:
+            # A lone surrogate: no Redis client or database can take it, so refuse it at incr.
+            raise _reject(
+                field, value, f"a lone surrogate at index {exc.start} cannot be encoded as UTF-8"
+            ) from None
     if isinstance(value, (bytes, bytearray, memoryview)):
         return b"b", bytes(value)
     if isinstance(value, decimal.Decimal):

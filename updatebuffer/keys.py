@@ -65,7 +65,24 @@ def check_name(name: object, field: str) -> str:
             expected="non-empty str",
             got="str",
         )
+    if not name.isascii():
+        _check_encodable(name, field)
     return name
+
+
+def _check_encodable(text: str, field: str) -> None:
+    # A lone surrogate ("\ud800") is a valid Python str but not UTF-8: Redis clients cannot send
+    # it and databases cannot store it, so it is refused here, at incr, not at push or flush.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidUpdateError(
+            f"{field}: str {text!r} cannot be encoded as UTF-8 ({exc.reason} at index "
+            f"{exc.start}); remove the lone surrogate or decode the text with errors='replace'",
+            field=field,
+            expected="str encodable as UTF-8",
+            got="str",
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -237,7 +237,7 @@ def test_fast_path_reloads_scripts_after_script_flush(redis_server, key_prefix):
 
 
 @pytest.mark.parametrize("window", [0, 30])
-def test_greatest_beyond_float_range_is_refused_at_incr(redis_server, key_prefix, window):
+def test_greatest_beyond_float_range_is_compared_exactly(redis_server, key_prefix, window):
     rec = Recorder()
     buf = RedisBuffer(
         flush=rec,
@@ -246,11 +246,12 @@ def test_greatest_beyond_float_range_is_refused_at_incr(redis_server, key_prefix
         delay=0,
         local_window=window,
     )
-    with pytest.raises(updatebuffer.InvalidUpdateError, match=r"greatest\['t'\].*int"):
-        buf.incr("g", {"n": 1}, {"id": 1}, greatest={"t": 10**400})
-    buf.incr("g", {"n": 1}, {"id": 1}, greatest={"t": 5})
+    buf.incr("g", {"n": 1}, {"id": 1}, greatest={"t": 10**400}, least={"u": -(10**400)})
+    buf.incr("g", {"n": 1}, {"id": 1}, greatest={"t": 5}, least={"u": 5})
+    buf.incr("g", {"n": 1}, {"id": 1}, greatest={"t": 10**400 + 1}, least={"u": -(10**400) - 1})
     buf.drain()
-    assert rec.updates()[0].greatest == {"t": 5} and rec.total("n") == 1
+    assert rec.updates()[0].greatest == {"t": 10**400 + 1}
+    assert rec.updates()[0].least == {"u": -(10**400) - 1}
     buf.close()
 
 

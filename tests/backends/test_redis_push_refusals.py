@@ -28,6 +28,8 @@ ACROSS_PUSHES = {
     "overflow": ({"columns": {"n": 2**63 - 1}}, {"columns": {"n": 5}}, "overflow on c:n"),
     "mixed-greatest": ({"greatest": {"t": 5}}, {"greatest": {"t": "late"}}, "mixed on G:t"),
     "mixed-least": ({"least": {"t": "a"}}, {"least": {"t": 1}}, "mixed on L:t"),
+    "nonfinite": ({"columns": {"x": 1e308}}, {"columns": {"x": 1e308}}, "nonfinite on c:x"),
+    "conflict": ({"greatest": {"t": 5}}, {"columns": {"t": 1}}, "conflict=g on c:t"),
 }
 
 
@@ -99,7 +101,7 @@ def test_row_refused_across_pushes_is_a_whole_replayable_dead_letter(
 
 @pytest.mark.parametrize(
     ("columns", "reason"),
-    [({"n": 2**64, "k": 3}, "overflow on c:n"), ({"x": math.inf, "k": 3}, "nonfinite on f:x")],
+    [({"n": 2**64, "k": 3}, "overflow on c:n"), ({"x": math.inf, "k": 3}, "nonfinite on c:x")],
     ids=["int-beyond-64-bit", "inf"],
 )
 def test_row_refused_on_its_own_is_kept_with_its_data(redis_server, key_prefix, columns, reason):

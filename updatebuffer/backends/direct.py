@@ -98,7 +98,7 @@ class DirectBuffer(_Closeable):
         if not filters:
             require_filters(filters)
         row_identity(model, filters)
-        ops = check_operations(columns, extra, greatest, least, signal_only)
+        ops = check_operations(columns, extra, greatest, least, signal_only, filters)
         update = Update(
             model=model,
             filters=dict(filters),  # type: ignore[arg-type]  # checked by row_identity

@@ -9,6 +9,7 @@ of counts on a crash is not acceptable, or when several processes must share one
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -24,8 +25,10 @@ from updatebuffer._validate import (
     _FAST_TAGS,
     INT64_MAX,
     INT64_MIN,
+    check_one_operation,
     check_operations,
     check_sum,
+    conflicting_operations,
     ordered_pick,
     require_filters,
     row_identity,
@@ -333,8 +336,13 @@ class MemoryBuffer(_Closeable):
                     row = self._pending.get((model, (name, tag, value)))
                     if row is not None and not self._closed:
                         held = row.columns
-                        total = held.get(column, 0) + delta
-                        if type(total) is not int or INT64_MIN <= total <= INT64_MAX:
+                        old = held.get(column)
+                        # A column new to the row takes the general path, which checks its name
+                        # and that the row has no other operation on it. A float + an int64
+                        # delta cannot leave the finite range, so only an int sum is checked.
+                        if old is not None and (
+                            type(total := old + delta) is not int or INT64_MIN <= total <= INT64_MAX
+                        ):
                             held[column] = total
                             row.count += 1
                             if not signal_only and row.signal_only:
@@ -355,9 +363,10 @@ class MemoryBuffer(_Closeable):
         if not filters:
             require_filters(filters)
         key = row_identity(model, filters)
-        cols, ext, most, fewest, signal_only = check_operations(
-            columns, extra, greatest, least, signal_only
-        )
+        # One operation per column: checked below, only for a new row or for names new to a
+        # pending row (a merge into a row that already has every name needs no check).
+        ops = check_operations(columns, extra, greatest, least, signal_only, distinct=False)
+        cols, ext, most, fewest, signal_only = ops
         deadline: float | None = None
         while True:
             with self._lock:
@@ -367,6 +376,13 @@ class MemoryBuffer(_Closeable):
                 if row is not None:
                     _merge_into(row, cols, ext, most, fewest, signal_only)
                     return
+                if deadline is None:
+                    if ext or most or fewest:
+                        check_one_operation(ops, filters)
+                    else:  # inline for the common shape, a new row of sums only
+                        for name in filters:  # type: ignore[union-attr]  # checked by row_identity
+                            if name in cols:
+                                raise conflicting_operations(name, "filters", "columns")
                 if len(self._pending) < self.max_rows:
                     self._pending[key] = _Row(
                         model,
@@ -688,17 +704,34 @@ def _merge_into(
     current = row.columns
     for name, delta in cols.items():
         old = current.get(name)
-        total = delta if old is None else old + delta
-        if type(total) is int and (total > INT64_MAX or total < INT64_MIN):
-            check_sum(name, total)
+        if old is None:
+            total = delta
+            _check_unclaimed(name, "columns", row, cols, ext, most, fewest)
+        else:
+            # Python's own left-to-right sum: int + float is float(int) + float, the reference
+            # every backend reproduces to the bit.
+            total = old + delta
+            if (
+                total > INT64_MAX or total < INT64_MIN
+                if type(total) is int
+                else not math.isfinite(total)
+            ):
+                check_sum(name, total)
         sums.append((name, total))
+    held_extra = row.extra
+    for name in ext:
+        if name not in held_extra:
+            _check_unclaimed(name, "extra", row, cols, ext, most, fewest)
     picks: list[tuple[dict[str, Value], str, Value]] = []
     for what, incoming, held, greater in (
         ("greatest", most, row.greatest, True),
         ("least", fewest, row.least, False),
     ):
         for name, value in incoming.items():
-            if name not in held or ordered_pick(what, name, held[name], value, greater):
+            if name not in held:
+                _check_unclaimed(name, what, row, cols, ext, most, fewest)
+                picks.append((held, name, value))
+            elif ordered_pick(what, name, held[name], value, greater):
                 picks.append((held, name, value))
     for name, total in sums:
         current[name] = total
@@ -709,6 +742,38 @@ def _merge_into(
     if not signal_only:
         row.signal_only = False
     row.count += 1
+
+
+def _check_unclaimed(
+    name: str,
+    what: str,
+    row: _Row,
+    cols: dict[str, Number],
+    ext: dict[str, Value],
+    most: dict[str, Value],
+    fewest: dict[str, Value],
+) -> None:
+    # One operation per column per row: a column summed by one incr and set by `extra` (or
+    # ordered) by another has no single meaning for the host's row. Called for names new to
+    # the row only; a clash within this update is named in check_operations' order first.
+    named: tuple[tuple[str, Mapping[str, object], Mapping[str, object]], ...] = (
+        ("columns", row.columns, cols),
+        ("extra", row.extra, ext),
+        ("greatest", row.greatest, most),
+        ("least", row.least, fewest),
+    )
+    incoming = [other for other, _, new in named if other != what and name in new]
+    if incoming:
+        first, second = sorted((incoming[0], what), key=_OPERATION_ORDER.index)
+        raise conflicting_operations(name, first, second)
+    if name in row.filters:
+        raise conflicting_operations(name, "filters", what)
+    for other, held, _ in named:
+        if other != what and name in held:
+            raise conflicting_operations(name, other, what)
+
+
+_OPERATION_ORDER = ("filters", "columns", "extra", "greatest", "least")
 
 
 def _row_from_update(update: Update) -> _Row:

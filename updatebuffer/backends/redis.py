@@ -12,7 +12,9 @@ or purged. No TTL ever deletes unflushed data.
 Key layout (``<prefix>:<version>:{<tag>}`` = one partition's *base*; the hash tag keeps every
 key a script touches in one Redis Cluster slot)::
 
-    <base>:<model>:<digest>      row hash (c:/f: sums, e: extra, g:/G: greatest, l:/L: least,
+    <base>:<model>:<digest>      row hash (c: a column's sum -- int text, or float text with a
+                                 '.' or an exponent -- or ~e/~g/~l when extra/greatest/least
+                                 owns the name; e: extra, g:/G: greatest, l:/L: least,
                                  _k canonical row key, _n count, _f first buffered ms, _sn count
                                  of signal-only updates: the row is signal-only when _sn == _n)
     <base>:~pending              zset member "<model>:<digest>", score first buffered ms
@@ -31,10 +33,10 @@ import atexit
 import datetime
 import decimal
 import logging
-import math
 import os
 import re
 import ssl
+import struct
 import threading
 import time
 import uuid
@@ -54,6 +56,7 @@ from updatebuffer._validate import (
     INT64_MAX,
     INT64_MIN,
     check_operations,
+    conflicting_operations,
     require_filters,
 )
 from updatebuffer.buffer import _Closeable
@@ -66,7 +69,14 @@ from updatebuffer.errors import (
     MissingDependencyError,
     UpdateBufferError,
 )
-from updatebuffer.keys import KEY_VERSION, decode_row, encode_row, readable_model, row_digest
+from updatebuffer.keys import (
+    KEY_VERSION,
+    check_name,
+    decode_row,
+    encode_row,
+    readable_model,
+    row_digest,
+)
 from updatebuffer.registry import make_router
 from updatebuffer.routing import PartitionRouter
 from updatebuffer.update import (
@@ -142,32 +152,69 @@ def _load_sources() -> dict[str, str]:
 _SOURCES = _load_sources()
 
 
+# Order keys: a family byte, then bytes whose bytewise order is Python's order within the family
+# (lib.lua compares them bytewise only). Numbers (int, float, Decimal) are one family compared
+# by exact value, like Python compares them: sign byte, then for a non-zero value its decimal
+# exponent (fixed width, biased) and its significant digits; a negative value inverts every byte
+# of its magnitude's key (terminated, so a shorter digit string cannot be a prefix), so larger
+# magnitudes sort lower. Equal values (0, -0.0, Decimal("0.00"); 1, 1.0, Decimal("1.0")) get
+# equal keys, so the held value stays, as in Python, where only a strictly greater one replaces.
+_NEGATIVE, _ZERO, _POSITIVE = b"\x00", b"\x01", b"\x02"
+_EXPONENT = struct.Struct(">Q")
+_EXPONENT_BIAS = 2**63
+_INVERT = bytes(range(255, -1, -1))
+
+
+def _magnitude_key(negative: bool, digits: str, adjusted: int) -> bytes:
+    # digits: no leading or trailing zeros; adjusted: the exponent of the first digit.
+    body = _EXPONENT.pack(adjusted + _EXPONENT_BIAS) + digits.encode("ascii")
+    if negative:
+        return _NEGATIVE + (body + b"\x00").translate(_INVERT)
+    return _POSITIVE + body
+
+
+def _int_key(n: int) -> bytes:
+    if n == 0:
+        return _ZERO
+    try:
+        text = str(abs(n))
+    except ValueError:  # beyond sys.get_int_max_str_digits()
+        return _decimal_key(decimal.Decimal(n))
+    return _magnitude_key(n < 0, text.rstrip("0"), len(text) - 1)
+
+
+def _decimal_key(d: decimal.Decimal) -> bytes:
+    if d.is_zero():
+        return _ZERO
+    sign, digits, _ = d.as_tuple()
+    return _magnitude_key(bool(sign), "".join(map(str, digits)).rstrip("0"), d.adjusted())
+
+
 def _order_key(value: Value, field: str) -> bytes:
-    """Encode a greatest/least value so the Lua scripts can compare it server-side."""
-    if isinstance(value, (int, float, decimal.Decimal)) and not isinstance(value, bool):
-        try:
-            number = float(value)
-        except OverflowError:
-            number = math.inf
-        if not math.isfinite(number):
-            raise InvalidUpdateError(
-                f"{field}: {type_name(value)} {value!r} is too large to compare in Redis "
-                "(limit ~1.8e308)",
-                field=field,
-                expected="number within float range",
-                got=type_name(value),
-            )
-        return b"n" + repr(number).encode("ascii")
+    """Encode a greatest/least value so the Lua scripts compare it bytewise, exactly as Python.
+
+    :raises InvalidUpdateError: the value cannot be ordered.
+    """
+    if type(value) is int:
+        return b"n" + _int_key(value)
     if isinstance(value, datetime.datetime):
-        return b"t" + str((value - _EPOCH) // _MICRO).encode("ascii")
+        # Exact microseconds since the epoch: aware datetimes compare as instants.
+        return b"t" + _int_key((value - _EPOCH) // _MICRO)
     if isinstance(value, datetime.date):
-        return b"d" + str(value.toordinal()).encode("ascii")
+        return b"d" + _int_key(value.toordinal())
     if isinstance(value, str):
-        return b"s" + value.encode("utf-8", "surrogatepass")
+        # UTF-8 byte order is code point order (lone surrogates were refused at validation).
+        return b"s" + value.encode("utf-8")
     if isinstance(value, bytes):
         return b"b" + value
     if isinstance(value, uuid.UUID):
         return b"u" + value.bytes
+    if isinstance(value, (int, float, decimal.Decimal)) and not isinstance(value, bool):
+        if isinstance(value, int):
+            return b"n" + _int_key(int(value))
+        number = decimal.Decimal(value)  # exact, for a float too
+        if number.is_finite():
+            return b"n" + _decimal_key(number)
     raise InvalidUpdateError(
         f"{field}: {type_name(value)} cannot be ordered", field=field, got=type_name(value)
     )
@@ -224,7 +271,11 @@ def _raw_update_args(member: str, row: Mapping[bytes, bytes]) -> list[bytes | st
     for field, value in row.items():
         tag, sep, name = field.partition(b":")
         if sep and tag in groups:
-            if tag in (b"g", b"l"):
+            if tag == b"c":
+                # A column's sum (int or float text), or the mark of another operation's column.
+                if value[:1] != b"~":
+                    groups[b"f" if _is_float_text(value) else b"c"].append((name, value))
+            elif tag in (b"g", b"l"):
                 groups[tag].append((name, value, row[tag.upper() + b":" + name]))
             else:
                 groups[tag].append((name, value))
@@ -242,7 +293,14 @@ def _raw_update_args(member: str, row: Mapping[bytes, bytes]) -> list[bytes | st
     return args
 
 
-_UNDERSCORE, _SUM, _FSUM, _EXTRA, _MAX, _MIN = (ord(c) for c in "_cfegl")
+_UNDERSCORE, _SUM, _EXTRA, _MAX, _MIN, _OWNED = (ord(c) for c in "_cegl~")
+
+
+def _is_float_text(value: bytes) -> bool:
+    # lib.lua's float_text always has a '.' or an exponent, and so has Python's repr() of a
+    # finite float; an int sum never does ('inf'/'nan' only reach a row through a dead letter
+    # of a push that bypassed validation, and must still decode).
+    return b"." in value or b"e" in value or b"n" in value
 
 
 def _decode_row(raw: Sequence[bytes]) -> Update:
@@ -254,8 +312,7 @@ def _decode_row(raw: Sequence[bytes]) -> Update:
     canonical = first = None
     count = b"1"
     signals = b""
-    ints: dict[str, int] = {}
-    floats: dict[str, float] = {}
+    columns: dict[str, Number] = {}
     extra: dict[str, Value] = {}
     greatest: dict[str, Value] = {}
     least: dict[str, Value] = {}
@@ -273,9 +330,14 @@ def _decode_row(raw: Sequence[bytes]) -> Update:
         elif field[1:2] == b":":
             name = field[2:].decode("utf-8")
             if tag == _SUM:
-                ints[name] = int(value)
-            elif tag == _FSUM:
-                floats[name] = float(value)
+                # Inline _is_float_text (once per column of every flushed row); '~' marks a
+                # name another operation owns.
+                if value[0] == _OWNED:
+                    pass
+                elif b"." in value or b"e" in value or b"n" in value:
+                    columns[name] = float(value)
+                else:
+                    columns[name] = int(value)
             elif tag == _EXTRA:
                 extra[name] = decode_value(value)
             elif tag == _MAX:
@@ -285,10 +347,6 @@ def _decode_row(raw: Sequence[bytes]) -> Update:
     if canonical is None or first is None:
         raise ValueError("corrupt row hash: no _k or no _f field")
     model, filters = decode_row(canonical)
-    columns: dict[str, Number] = ints  # type: ignore[assignment]  # ints widen to Number
-    for name, fsum in floats.items():
-        # A float delta makes the column a float, like int + float in Python.
-        columns[name] = float(ints.get(name, 0)) + fsum
     return _unchecked_update(
         model,
         filters,
@@ -999,6 +1057,9 @@ class RedisBuffer(_Closeable):
         as RESP (``b""`` when the node has no direct pool, see :func:`_direct_pool`).
         """
         canonical = encode_row(model, filters)  # validates model, name and value
+        check_name(column, "columns key")  # a str Redis cannot take (a lone surrogate)
+        if column in filters:
+            raise conflicting_operations(column, "filters", "columns")
         part, member = self._locate(model, canonical)
         sha = self._scripts[part.node]["incr"].sha
         head = (
@@ -1109,18 +1170,15 @@ class RedisBuffer(_Closeable):
                         reply = conn.read_response()
                     else:
                         reply = part.client.execute_command(*head, delta)
-                if reply is not None:
-                    _raise_if_refused(reply)
+                # A refusal changed nothing: an int64 overflow, or a column that holds a float sum
+                # or belongs to another operation; the general path below tells which (or adds
+                # the delta to the float sum).
+                if reply is not None and not reply:
                     return
         if self._window is not None:
             if self._window_generation != _fork_generation:
                 self._restart_window_after_fork()
-            # Values Redis cannot order must be refused now, not at push time, where the
-            # window would retry the whole push forever.
-            for what, values in (("greatest", greatest), ("least", least)):
-                if isinstance(values, Mapping):
-                    for name, value in values.items():
-                        _order_key(value, f"{what}[{name!r}]")
+            # The window validates like every backend; Redis orders every value it accepts.
             self._window.incr(
                 model,
                 columns,
@@ -1134,7 +1192,7 @@ class RedisBuffer(_Closeable):
         if not filters:
             require_filters(filters)
         canonical = encode_row(model, filters)  # type: ignore[arg-type]  # None refused above
-        ops = check_operations(columns, extra, greatest, least, signal_only)
+        ops = check_operations(columns, extra, greatest, least, signal_only, filters)
         args = _update_args(
             "", canonical, ops.signal_only, 1, 0, ops.columns, ops.extra, ops.greatest, ops.least
         )
@@ -1676,10 +1734,23 @@ def _raise_if_refused(reply: Sequence[Any]) -> None:
         raise _rejection(code.decode(), field.decode())
 
 
+_OPERATIONS = {
+    "c": "columns",
+    "e": "extra",
+    "g": "greatest",
+    "l": "least",
+    "G": "greatest",
+    "L": "least",
+}
+
+
 def _rejection(code: str, field: str) -> InvalidUpdateError:
     kind, _, name = field.partition(":")
-    label = {"c": "columns", "f": "columns", "G": "greatest", "L": "least"}.get(kind, kind)
+    label = _OPERATIONS.get(kind, kind)
     where = f"{label}[{name!r}]"
+    if code.startswith("conflict="):
+        other = code.partition("=")[2]
+        return conflicting_operations(name, _OPERATIONS.get(other, other), label)
     if code == "overflow":
         return InvalidUpdateError(
             f"{where}: the buffered sum would overflow signed 64-bit; the update was not stored",

@@ -33,13 +33,14 @@ if ARGV[2] ~= '' then
     return 'dup'
   end
 end
--- Store update `u` in the empty hash `key` field by field, in the row hash layout. Not through
+-- Store update `u` in the empty hash `key` field by field, in the row hash layout (a float sum
+-- arrives as repr() text, which always holds a '.' or an exponent, like float_text). Not through
 -- merge_row: the merge that refused the row may refuse it again for the same reason (a delta
 -- that is itself out of range), and a dead letter without its row would be lost.
 local function keep_raw(key, u)
   local fields = { '_k', u.canonical, '_n', u.count, '_f', u.first }
   if u.signal then fields[#fields + 1] = '_sn'; fields[#fields + 1] = u.count end
-  for _, spec in ipairs({ { u.ints, 'c:' }, { u.floats, 'f:' }, { u.extra, 'e:' } }) do
+  for _, spec in ipairs({ { u.ints, 'c:' }, { u.floats, 'c:' }, { u.extra, 'e:' } }) do
     for _, item in ipairs(spec[1]) do
       fields[#fields + 1] = spec[2] .. item[1]
       fields[#fields + 1] = item[2]

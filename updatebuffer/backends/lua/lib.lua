@@ -18,17 +18,33 @@ local function bytes_lt(a, b)
   return la < lb
 end
 
--- Order keys are <family char><key>: numeric families (n: number, t: datetime in epoch
--- microseconds, d: date ordinal) compare as numbers, the others (s, b, u) bytewise.
-local NUMERIC = { n = true, t = true, d = true }
-
+-- Order keys are <family byte><key>, built by the client so that bytewise order is Python's
+-- order within a family (exact for any int, float or Decimal: Lua doubles are not); values of
+-- two families cannot be compared (nil).
 local function order_lt(a, b)
-  local fa, fb = string.sub(a, 1, 1), string.sub(b, 1, 1)
-  if fa ~= fb then return nil end
-  if NUMERIC[fa] then
-    return tonumber(string.sub(a, 2)) < tonumber(string.sub(b, 2))
+  if string.byte(a, 1) ~= string.byte(b, 1) then return nil end
+  return bytes_lt(a, b)
+end
+
+-- A float sum as text that reads back as the same double (17 significant digits) and never
+-- looks like an integer, so HINCRBY (the incr fast path) refuses to add to it.
+local function float_text(x)
+  local s = string.format('%.17g', x)
+  if not string.find(s, '[.e]') then s = s .. '.0' end
+  return s
+end
+
+-- A column's 'c:' field holds its sum (int text, or float_text) or, when another operation
+-- owns the name, '~' plus that operation's letter (e, g, l): one operation per column per row.
+local OWNER = { extra = '~e', greatest = '~g', least = '~l' }
+
+local function claim_error(row, name, mine)
+  local held = redis.call('HGET', row, 'c:' .. name)
+  if held and held ~= mine then
+    local other = string.byte(held, 1) == 126 and string.sub(held, 2) or 'c'
+    return { 'conflict=' .. other, string.sub(mine, 2) .. ':' .. name }
   end
-  return bytes_lt(string.sub(a, 2), string.sub(b, 2))
+  return nil
 end
 
 local function split_lines(s)
@@ -43,8 +59,14 @@ end
 -- dead letter): then existing extras win. Returns nil, or {code, field} without any change.
 local function merge_row(row, u, older)
   -- 1. read-only checks first, so a rejected update changes nothing
-  for _, spec in ipairs({ { u.greatest, 'G:' }, { u.least, 'L:' } }) do
+  for _, item in ipairs(u.extra) do
+    local err = claim_error(row, item[1], OWNER.extra)
+    if err then return err end
+  end
+  for _, spec in ipairs({ { u.greatest, 'G:', OWNER.greatest }, { u.least, 'L:', OWNER.least } }) do
     for _, item in ipairs(spec[1]) do
+      local err = claim_error(row, item[1], spec[3])
+      if err then return err end
       local held = redis.call('HGET', row, spec[2] .. item[1])
       if held and order_lt(held, item[3]) == nil then
         return { 'mixed', spec[2] .. item[1] }
@@ -59,15 +81,33 @@ local function merge_row(row, u, older)
       if s[2] then redis.call('HSET', row, s[1], s[2]) else redis.call('HDEL', row, s[1]) end
     end
   end
-  for _, spec in ipairs({ { u.ints, 'c:', 'HINCRBY', 'overflow' },
-                          { u.floats, 'f:', 'HINCRBYFLOAT', 'nonfinite' } }) do
+  -- Python's left-to-right sum, to the bit: an int column sums exactly (HINCRBY, refused
+  -- beyond int64) until its first float delta; from then on it is a double and every delta is
+  -- added as a double, as Python adds float + int. Lua numbers are doubles (HINCRBYFLOAT is
+  -- not: it adds in long double and keeps 17 decimal places).
+  for _, spec in ipairs({ { u.ints, true }, { u.floats, false } }) do
     for _, item in ipairs(spec[1]) do
-      local field = spec[2] .. item[1]
-      saved[#saved + 1] = { field, redis.call('HGET', row, field) }
-      local r = redis.pcall(spec[3], row, field, item[2])
-      if type(r) == 'table' and r.err then
+      local field = 'c:' .. item[1]
+      local held = redis.call('HGET', row, field)
+      if held and string.byte(held, 1) == 126 then
         restore()
-        return { spec[4], field }
+        return { 'conflict=' .. string.sub(held, 2), field }
+      end
+      saved[#saved + 1] = { field, held }
+      if spec[2] and (not held or string.find(held, '^%-?%d+$')) then
+        local r = redis.pcall('HINCRBY', row, field, item[2])
+        if type(r) == 'table' and r.err then
+          restore()
+          return { 'overflow', field }
+        end
+      else
+        local total = tonumber(item[2])
+        if held then total = tonumber(held) + total end
+        if total ~= total or total == math.huge or total == -math.huge then
+          restore()
+          return { 'nonfinite', field }
+        end
+        redis.call('HSET', row, field, float_text(total))
       end
     end
   end
@@ -75,19 +115,19 @@ local function merge_row(row, u, older)
   for _, item in ipairs(u.extra) do
     if older then
       redis.call('HSETNX', row, 'e:' .. item[1], item[2])
+      redis.call('HSETNX', row, 'c:' .. item[1], OWNER.extra)
     else
-      redis.call('HSET', row, 'e:' .. item[1], item[2])
+      redis.call('HSET', row, 'e:' .. item[1], item[2], 'c:' .. item[1], OWNER.extra)
     end
   end
-  for _, spec in ipairs({ { u.greatest, 'g:', 'G:', false }, { u.least, 'l:', 'L:', true } }) do
+  for _, spec in ipairs({ { u.greatest, 'g:', 'G:', false, OWNER.greatest },
+                          { u.least, 'l:', 'L:', true, OWNER.least } }) do
     for _, item in ipairs(spec[1]) do
       local okey = spec[3] .. item[1]
       local held = redis.call('HGET', row, okey)
-      local take = not held
-      if held then
-        if spec[4] then take = order_lt(item[3], held) else take = order_lt(held, item[3]) end
-      end
-      if take then
+      if not held then
+        redis.call('HSET', row, spec[2] .. item[1], item[2], okey, item[3], 'c:' .. item[1], spec[5])
+      elseif spec[4] and order_lt(item[3], held) or not spec[4] and order_lt(held, item[3]) then
         redis.call('HSET', row, spec[2] .. item[1], item[2], okey, item[3])
       end
     end
