@@ -87,10 +87,11 @@ def test_overflow_block_times_out_then_succeeds_after_flush(make_memory):
 
     t = threading.Thread(target=blocked)
     t.start()
-    deadline = time.monotonic() + 30
-    while not buf._room._waiters and time.monotonic() < deadline:  # blocked in incr now
+    # Wait until the thread is parked in the buffer's condition (not merely not started yet).
+    while not buf._room._waiters:  # type: ignore[attr-defined]  # CPython's Condition
+        assert t.is_alive() and not done.is_set(), "incr returned instead of blocking"
         time.sleep(0.001)
-    assert buf._room._waiters and not done.is_set()
+    assert not done.is_set()
     buf.drain()
     t.join(5)
     assert done.is_set()
@@ -262,11 +263,11 @@ def test_forked_child_starts_empty_and_does_not_deadlock(make_memory):
     with buf._lock:  # held at fork time: the child must not inherit a locked lock
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
-            code = 1
+            code = 2  # an exception in the child must end the child, never run pytest on
             try:
                 ok = buf.stats().pending_rows == 0
                 buf.incr("g", {"n": 1}, {"id": 2})
-                code = 0 if ok and buf.stats().pending_rows == 1 else 2
+                code = 0 if ok and buf.stats().pending_rows == 1 else 1
             finally:
                 os._exit(code)
     _, status = os.waitpid(pid, 0)

@@ -184,14 +184,18 @@ class Ledger:
         self.deliveries: list[tuple[str, int, tuple]] = []
         self.applied: dict[str, dict[str, tuple[int, int, int]]] = {}
         self.skipped: list[tuple[str, int]] = []
+        # Broken promises seen inside the callback. An assert there would only fail the delivery
+        # (the buffer catches it and redelivers), so they are recorded and checked after the run.
+        self.violations: list[str] = []
 
     def __call__(self, batch) -> None:
         rows = {
             row_key(u): (u.count, int(u.columns.get("n", 0)), int(u.columns.get("v", 0)))
             for u in batch
         }
-        assert len(rows) == len(batch), f"batch {batch.id} holds a row twice"
         with self.lock:
+            if len(rows) != len(batch):
+                self.violations.append(f"batch {batch.id} holds a row twice")
             self.deliveries.append((batch.id, batch.attempt, tuple(sorted(rows.items()))))
         if self.hook is not None:
             self.hook(self, batch)
@@ -200,6 +204,26 @@ class Ledger:
                 self.skipped.append((batch.id, batch.attempt))
             else:
                 self.applied[batch.id] = rows
+
+    def check(self) -> None:
+        """Fail with every violation the callback recorded."""
+        assert not self.violations, self.violations
+
+    def redeliveries_of_applied(self) -> list[tuple[str, int]]:
+        """Every delivery of a batch id after its first one, for batch ids that were applied.
+
+        For a ledger without a failing hook the first delivery of an id is the one applied, so
+        these are exactly the deliveries the ledger must have skipped.
+        """
+        seen: set[str] = set()
+        out = []
+        with self.lock:
+            for batch_id, attempt, _ in self.deliveries:
+                if batch_id in seen:
+                    out.append((batch_id, attempt))
+                elif batch_id in self.applied:
+                    seen.add(batch_id)
+        return out
 
     def totals(self) -> dict[str, tuple[int, int, int]]:
         out: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
@@ -227,7 +251,17 @@ def make_tally():
 
 @pytest.fixture
 def make_ledger():
-    return Ledger
+    """``make_ledger(hook=None)``; every ledger made is checked for violations at teardown."""
+    made: list[Ledger] = []
+
+    def make(hook=None) -> Ledger:
+        ledger = Ledger(hook)
+        made.append(ledger)
+        return ledger
+
+    yield make
+    for ledger in made:
+        ledger.check()
 
 
 def _settle(buf, *, use_drain: bool = True, timeout: float = PATIENCE, pause: float = 0.02) -> None:
@@ -341,25 +375,44 @@ class FlushLoop:
     def __init__(self, buf) -> None:
         self.buf = buf
         self.errors: list[BackendError] = []
+        self.flushed = 0  # rows flushed so far, to see the loop make progress
+        # Anything but a BackendError ends the loop; it is kept so stop() can fail with it
+        # (a thread that died quietly looks the same as one that stopped when asked).
+        self.crashed: BaseException | None = None
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, name="flusher", daemon=True)
 
     def _step(self) -> None:
         try:
-            if self.buf.process_pending() == 0:
+            n = self.buf.process_pending()
+            self.flushed += n
+            if n == 0:
                 time.sleep(0.005)
         except BackendError as exc:
             self.errors.append(exc)
             time.sleep(0.02)
 
     def _run(self) -> None:
-        while not self.stop_event.is_set():
-            self._step()
+        try:
+            while not self.stop_event.is_set():
+                self._step()
+        except BaseException as exc:  # recorded for stop(); re-raising would only print it
+            self.crashed = exc
+
+    def wait_for_progress(self, timeout: float = PATIENCE) -> None:
+        """Wait until the loop flushes more rows than it had when called (it still works)."""
+        start = self.flushed
+        deadline = time.monotonic() + timeout
+        while self.flushed == start:
+            assert self.thread.is_alive(), f"the flush loop died: {self.crashed!r}"
+            assert time.monotonic() < deadline, "the flush loop made no progress"
+            time.sleep(0.01)
 
     def stop(self) -> None:
         self.stop_event.set()
         self.thread.join(timeout=PATIENCE)
         assert not self.thread.is_alive()
+        assert self.crashed is None, f"the flush loop died: {self.crashed!r}"
 
 
 @pytest.fixture

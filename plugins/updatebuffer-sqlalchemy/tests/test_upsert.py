@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
-from ubsa_helpers import DB, batch, same_instant, ts, up
+from ubsa_helpers import DB, batch, generic_engine, same_instant, ts, up
 
 from updatebuffer_sqlalchemy import SQLAlchemyFlush, UnwritableUpdateError, create_ledger
+from updatebuffer_sqlalchemy._writers import Writer
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -113,21 +114,26 @@ def test_upsert_needs_a_unique_key_on_the_filters(db: DB, groups: sa.Table) -> N
 
 def test_generic_writer_upsert_on_a_real_database(db: DB, groups: sa.Table) -> None:
     # The fallback for dialects without a fast path (UPDATE, then INSERT when nothing matched),
-    # exercised on the two real databases we have.
-    from updatebuffer_sqlalchemy._writers import Writer
-
-    made: list[list[bool]] = []
-    flush = SQLAlchemyFlush(
-        db.engine, {"groups": groups}, upsert=True, on_flushed=lambda u, c: made.append(list(c))
-    )
-    flush._writer = Writer(db.engine.dialect)
-    flush(
-        batch(
+    # run as deployed: the engine's dialect is one SQLAlchemyFlush has no fast path for (the
+    # real SQLite/PostgreSQL driver under another dialect name, as MySQL or MSSQL would be), so
+    # the flush picks the generic writer (and the generic ledger) itself.
+    engine = generic_engine(db.engine)
+    try:
+        assert engine.dialect.name not in ("sqlite", "postgresql")
+        made: list[list[bool]] = []
+        flush = SQLAlchemyFlush(
+            engine, {"groups": groups}, upsert=True, on_flushed=lambda u, c: made.append(list(c))
+        )
+        assert type(flush._writer) is Writer  # what writer_for() chose for this dialect
+        updates = batch(
             up(filters={"id": 1}, columns={"times_seen": 1}, greatest={"top": 9}),
             up(filters={"id": 30}, columns={"times_seen": 4}, least={"bottom": 3}),
         )
-    )
-    rows = db.rows(groups)
-    assert (rows[1]["times_seen"], rows[1]["top"]) == (11, 9)
-    assert (rows[30]["times_seen"], rows[30]["bottom"]) == (4, 3)
-    assert made == [[False, True]]
+        flush(updates)
+        flush(updates)  # the same batch id again: the generic ledger skips it
+        rows = db.rows(groups)
+        assert (rows[1]["times_seen"], rows[1]["top"]) == (11, 9)
+        assert (rows[30]["times_seen"], rows[30]["bottom"]) == (4, 3)
+        assert made == [[False, True]]
+    finally:
+        engine.dispose()

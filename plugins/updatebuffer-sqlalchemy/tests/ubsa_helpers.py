@@ -7,9 +7,36 @@ import uuid
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import registry
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from updatebuffer import Batch, Update
 
 UTC = datetime.timezone.utc
+
+
+class GenericSQLiteDialect(SQLiteDialect_pysqlite):
+    """SQLite's real driver under a name the plugin has no fast path for."""
+
+    name = "ubsa_generic_sqlite"
+    supports_statement_cache = True
+
+
+class GenericPostgresDialect(PGDialect_psycopg):
+    """PostgreSQL's real driver (psycopg 3) under a name the plugin has no fast path for."""
+
+    name = "ubsa_generic_postgresql"
+    supports_statement_cache = True
+
+
+registry.register("ubsa_generic_sqlite", __name__, "GenericSQLiteDialect")
+registry.register("ubsa_generic_postgresql", __name__, "GenericPostgresDialect")
+
+
+def generic_engine(engine: sa.Engine) -> sa.Engine:
+    """An engine on the same database whose dialect takes the plugin's generic code paths."""
+    name = "ubsa_generic_sqlite" if engine.dialect.name == "sqlite" else "ubsa_generic_postgresql"
+    return sa.create_engine(engine.url.set(drivername=name))
 
 
 @dataclass
