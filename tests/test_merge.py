@@ -283,3 +283,11 @@ def test_unchecked_update_equals_the_dataclass_constructor():
     assert fast == Update(**values) and repr(fast) == repr(Update(**values))
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.count = 5  # type: ignore[misc]  # still frozen
+
+
+def test_merge_keeps_the_sign_of_a_zero_sum():
+    # A column only the later update has is that update's value: 0 + -0.0 would be 0.0.
+    a = Update(model="g", filters={"id": 1}, columns={}, count=1, first_buffered=1.0)
+    b = Update(model="g", filters={"id": 1}, columns={"x": -0.0}, count=1, first_buffered=2.0)
+    merged = merge_updates(a, b)
+    assert merged.columns["x"].hex() == (-0.0).hex()

@@ -152,7 +152,9 @@ def merge_updates(earlier: Update, later: Update) -> Update:
     """
     columns: dict[str, Number] = dict(earlier.columns)
     for name, delta in later.columns.items():
-        columns[name] = columns.get(name, 0) + delta
+        held = columns.get(name)
+        # Not `get(name, 0) + delta`: 0 + -0.0 is 0.0, and a sum must keep the sign of zero.
+        columns[name] = delta if held is None else held + delta
     return Update(
         model=earlier.model,
         filters=earlier.filters,
