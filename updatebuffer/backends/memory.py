@@ -8,6 +8,7 @@ of counts on a crash is not acceptable, or when several processes must share one
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from updatebuffer._validate import (
     _FAST_TAGS,
     INT64_MAX,
     INT64_MIN,
+    Operations,
     check_one_operation,
     check_operations,
     check_sum,
@@ -46,6 +48,7 @@ from updatebuffer.config import (
 from updatebuffer.errors import (
     BufferFullError,
     ConfigurationError,
+    InvalidUpdateError,
     UpdateBufferError,
 )
 from updatebuffer.update import Batch, BufferStats, FlushCallback, Update, merge_updates
@@ -614,15 +617,26 @@ class MemoryBuffer(_Closeable):
         """
         with self._lock:
             dead, self._dead = self._dead, []
-            for letter in dead:
+            kept: list[DeadLetter] = []
+            # Newest first: each letter merges *before* what is pending, so replaying two letters
+            # of one row oldest first would let the older one's `extra` win.
+            for letter in reversed(dead):
                 update = letter.update
                 key = row_identity(update.model, update.filters)
-                newer = self._pending.pop(key, None)
-                merged = update if newer is None else merge_updates(update, newer.freeze())
+                newer = self._pending.get(key)
+                try:
+                    merged = update if newer is None else _replay_merge(update, newer.freeze())
+                except InvalidUpdateError as exc:
+                    # As the Redis backend does: the letter stays dead, with the reason.
+                    kept.append(dataclasses.replace(letter, error=f"replay refused: {exc}"))
+                    log.error("dead letter %s cannot be replayed: %s", letter.batch_id, exc)
+                    continue
+                self._pending.pop(key, None)
                 self._pending[key] = _row_from_update(merged)
                 # Its updates were counted when it left the pending rows; they are pending again.
                 self._accepted -= update.count
-            return len(dead)
+            self._dead = kept[::-1] + self._dead
+            return len(dead) - len(kept)
 
     def purge_dead_letters(self) -> int:
         """Delete every dead-lettered row; return how many were deleted."""
@@ -774,6 +788,35 @@ def _check_unclaimed(
 
 
 _OPERATION_ORDER = ("filters", "columns", "extra", "greatest", "least")
+
+
+def _replay_merge(letter: Update, newer: Update) -> Update:
+    """Merge a dead letter before the pending data of its row, refusing what ``incr`` refuses.
+
+    :raises InvalidUpdateError: a sum leaves the storable range, two values cannot be compared,
+        or a column would take two operations.
+    """
+    try:
+        merged = merge_updates(letter, newer)
+    except TypeError as exc:
+        raise InvalidUpdateError(
+            f"greatest/least: cannot compare the letter's values with the pending ones ({exc})",
+            field="greatest/least",
+            expected="values of one ordered type per column",
+            got="values of two types",
+        ) from None
+    for name, total in merged.columns.items():
+        check_sum(name, total)
+    check_one_operation(
+        Operations(
+            dict(merged.columns),
+            dict(merged.extra),
+            dict(merged.greatest),
+            dict(merged.least),
+            False,
+        )
+    )
+    return merged
 
 
 def _row_from_update(update: Update) -> _Row:

@@ -1628,7 +1628,10 @@ class RedisBuffer(_Closeable):
         """
         replayed = 0
         with self._errors("replaying dead letters"):
-            for part, batch_id, meta, row in list(self._dead_rows()):
+            # Newest first: replay.lua merges a letter *before* the row's pending data, so two
+            # letters of one row replayed oldest first would let the older `extra` win. One row's
+            # letters share a partition, where _dead_rows lists them in dead-lettering order.
+            for part, batch_id, meta, row in reversed(list(self._dead_rows())):
                 member = meta[b"members"].decode()
                 reply = self._script(part, "replay")(
                     keys=[part.pending, part.dead, part.stats],

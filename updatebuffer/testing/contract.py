@@ -371,6 +371,43 @@ class BufferContract:
         assert rec.total("n") == 55
         assert buf.stats().dead_letters == 0
 
+    def _two_dead_letters_of_one_row(
+        self, make_buffer: MakeBuffer, first: dict[str, Any], second: dict[str, Any]
+    ) -> tuple[Buffer, Recorder]:
+        """Dead-letter two updates of row ``g/{id: 1}``, *first* then *second* (``incr`` kwargs)."""
+        self._need_dead_letters()
+        rec = Recorder(poison=(("g", {"id": 1}),))
+        buf = make_buffer(rec, max_attempts=1, retry_backoff=0)
+        for kwargs in (first, second):
+            buf.incr("g", filters={"id": 1}, **kwargs)
+            _settle(buf)
+        assert buf.stats().dead_letters == 2
+        rec.poison.clear()
+        return buf, rec
+
+    def test_replayed_letters_of_one_row_keep_their_order(self, make_buffer: MakeBuffer) -> None:
+        buf, rec = self._two_dead_letters_of_one_row(
+            make_buffer, {"columns": {"n": 1}, "extra": {"e": "old"}}, {"extra": {"e": "new"}}
+        )
+        buf.incr("g", {"n": 10}, {"id": 2}, {"e": "other row"})
+        assert buf.replay_dead_letters() == 2  # type: ignore[attr-defined]  # dead-letter API
+        _settle(buf)
+        [row] = [u for u in rec.updates() if u.filters == {"id": 1}]
+        assert (dict(row.columns), dict(row.extra), row.count) == ({"n": 1}, {"e": "new"}, 2)
+
+    def test_replay_refusing_a_merge_keeps_the_letter(self, make_buffer: MakeBuffer) -> None:
+        buf, rec = self._two_dead_letters_of_one_row(
+            make_buffer, {"columns": {"n": 2**63 - 1}}, {"columns": {"n": 1}}
+        )
+        # The two letters cannot merge (their sum leaves signed 64-bit): one is replayed, the
+        # other stays dead with the reason, as incr would have refused it.
+        assert buf.replay_dead_letters() == 1  # type: ignore[attr-defined]  # dead-letter API
+        [kept] = buf.dead_letters()  # type: ignore[attr-defined]  # dead-letter API
+        assert "replay refused" in kept.error
+        _settle(buf)
+        [row] = rec.updates()
+        assert row.columns["n"] + kept.update.columns["n"] == 2**63
+
     def test_every_row_delivered_once_without_failures(self, make_buffer: MakeBuffer) -> None:
         self._need_buffering()
         rec = Recorder()
