@@ -97,3 +97,38 @@ def test_drain_pushes_a_window_whose_push_failed_and_waits_for_backoff(make):
     assert failures and window.stats().in_flight_rows == 1
     assert buf.drain() == 1
     assert _ids(rec) == [1]
+
+
+def test_memory_drain_retries_a_batch_that_fails_on_another_thread_meanwhile():
+    """drain() while a Flusher-like thread is delivering: when that delivery fails, the batch is
+    retried by this drain, not left waiting out an hour of backoff."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    delivered = []
+
+    def flush(batch):
+        if threading.current_thread().name == "other":
+            entered.set()
+            release.wait(30)
+            raise RuntimeError("the other thread's delivery fails")
+        delivered.extend(batch)
+
+    buf = MemoryBuffer(flush=flush, retry_backoff=3600, retry_backoff_max=3600)
+    buf.incr("g", {"n": 5}, {"id": 1})
+    other = threading.Thread(target=buf.process_pending, name="other")
+    other.start()
+    assert entered.wait(30)
+    result = []
+    drainer = threading.Thread(target=lambda: result.append(buf.drain()))
+    drainer.start()
+    # Wait until drain() is really parked on the buffer's condition (CPython's Condition).
+    while not buf._room._waiters:
+        assert drainer.is_alive(), f"drain() returned {result} while the batch was in flight"
+        drainer.join(0.001)
+    release.set()
+    other.join(30)
+    drainer.join(30)
+    assert result == [1]
+    assert [dict(u.columns) for u in delivered] == [{"n": 5}]
+    buf.close()

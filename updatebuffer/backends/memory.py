@@ -119,7 +119,7 @@ class _Row:
 class _Flight:
     """A claimed batch: delivered, awaiting retry, or being delivered by some thread."""
 
-    __slots__ = ("attempt", "id", "keys", "not_before", "running", "updates")
+    __slots__ = ("attempt", "id", "keys", "not_before", "owner", "running", "updates")
 
     def __init__(
         self, batch_id: str, keys: tuple[Hashable, ...], updates: tuple[Update, ...]
@@ -130,6 +130,8 @@ class _Flight:
         self.attempt = 1
         self.not_before = 0.0
         self.running = True
+        #: The thread delivering it while ``running``.
+        self.owner = threading.get_ident()
 
 
 _instances: weakref.WeakSet[MemoryBuffer] = weakref.WeakSet()
@@ -435,6 +437,10 @@ class MemoryBuffer(_Closeable):
     def drain(self) -> int:
         """Flush every pending row and retry every failed batch once, ignoring delay and backoff.
 
+        A batch another thread (a :class:`~updatebuffer.Flusher`) is delivering meanwhile is
+        waited for, and retried here if that delivery fails, so no failed batch is left waiting
+        out its backoff when this returns.
+
         :return: rows whose flush callback returned.
         """
         return self._run(drain=True)
@@ -446,14 +452,27 @@ class MemoryBuffer(_Closeable):
         flushed = 0
         while max_batches is None or len(tried) < max_batches:
             with self._lock:
-                flight = self._claim_retry(time.time(), drain, tried)
-                if flight is None:
-                    flight = self._claim_rows(cutoff)
+                while True:
+                    flight = self._claim_retry(time.time(), drain, tried)
+                    if flight is None:
+                        flight = self._claim_rows(cutoff)
+                    if flight is not None or not drain or not self._delivered_elsewhere(tried):
+                        break
+                    # Another thread (a Flusher) is delivering a batch right now. If it fails,
+                    # drain() must retry it now, not leave it to its backoff; if it succeeds,
+                    # newer data of its rows becomes claimable. Either way it notifies _room.
+                    self._room.wait()
             if flight is None:
                 return flushed
             tried.add(flight.id)
             flushed += self._deliver(flight)
         return flushed
+
+    def _delivered_elsewhere(self, tried: set[str]) -> bool:
+        me = threading.get_ident()
+        return any(
+            f.running and f.owner != me and f.id not in tried for f in self._flights.values()
+        )
 
     def _claim_retry(self, now: float, drain: bool, tried: set[str]) -> _Flight | None:
         chosen: _Flight | None = None
@@ -466,6 +485,7 @@ class MemoryBuffer(_Closeable):
                 chosen = flight
         if chosen is not None:
             chosen.running = True
+            chosen.owner = threading.get_ident()
         return chosen
 
     def _claim_rows(self, cutoff: float) -> _Flight | None:
@@ -532,6 +552,8 @@ class MemoryBuffer(_Closeable):
                 flight.attempt, self.retry_backoff, self.retry_backoff_max
             )
             flight.running = False
+            # A drain() waiting for this delivery retries it now.
+            self._room.notify_all()
             return
         del self._flights[flight.id]
         # Dead-lettered or split, the batch is finished: wake an incr waiting for room.
