@@ -395,6 +395,30 @@ class BufferContract:
         [row] = [u for u in rec.updates() if u.filters == {"id": 1}]
         assert (dict(row.columns), dict(row.extra), row.count) == ({"n": 1}, {"e": "new"}, 2)
 
+    def test_replayed_letter_wins_a_tie_with_newer_data(self, make_buffer: MakeBuffer) -> None:
+        # Equal instants, other offsets: Python's min/max keep the earlier value on a tie, and the
+        # letter's update came before the pending one.
+        east = datetime.timezone(datetime.timedelta(hours=14))
+        west = datetime.timezone(-datetime.timedelta(hours=5, minutes=30))
+        early = datetime.datetime(2024, 1, 2, 14, 0, tzinfo=east)
+        same = early.astimezone(west)
+        self._need_dead_letters()
+        rec = Recorder(poison=(("g", {"id": 1}),))
+        buf = make_buffer(rec, max_attempts=1, retry_backoff=0)
+        buf.incr("g", None, {"id": 1}, least={"t": early}, greatest={"u": early})
+        _settle(buf)
+        rec.poison.clear()
+        buf.incr("g", None, {"id": 1}, least={"t": same}, greatest={"u": same})
+        assert buf.replay_dead_letters() == 1  # type: ignore[attr-defined]  # dead-letter API
+        _settle(buf)
+        [row] = rec.updates()
+        offsets = {
+            v.utcoffset()
+            for v in (row.least["t"], row.greatest["u"])
+            if isinstance(v, datetime.datetime)
+        }
+        assert offsets == {early.utcoffset()}
+
     def test_replay_refusing_a_merge_keeps_the_letter(self, make_buffer: MakeBuffer) -> None:
         buf, rec = self._two_dead_letters_of_one_row(
             make_buffer, {"columns": {"n": 2**63 - 1}}, {"columns": {"n": 1}}

@@ -127,8 +127,18 @@ local function merge_row(row, u, older)
       local held = redis.call('HGET', row, okey)
       if not held then
         redis.call('HSET', row, spec[2] .. item[1], item[2], okey, item[3], 'c:' .. item[1], spec[5])
-      elseif spec[4] and order_lt(item[3], held) or not spec[4] and order_lt(held, item[3]) then
-        redis.call('HSET', row, spec[2] .. item[1], item[2], okey, item[3])
+      else
+        -- A strictly better value wins; on a tie (equal instants with other offsets, 1 and 1.0)
+        -- the earlier update keeps its value, as in Python's max/min. An `older` update (a
+        -- replayed dead letter) came first, so it also wins a tie.
+        local better
+        if spec[4] then better = order_lt(item[3], held) else better = order_lt(held, item[3]) end
+        if older and not better then
+          if spec[4] then better = not order_lt(held, item[3]) else better = not order_lt(item[3], held) end
+        end
+        if better then
+          redis.call('HSET', row, spec[2] .. item[1], item[2], okey, item[3])
+        end
       end
     end
   end
