@@ -4,6 +4,7 @@ import sys
 import textwrap
 
 import pytest
+from cli_helpers import assert_one_line_error, run_cli
 
 import updatebuffer
 from updatebuffer import cli
@@ -159,29 +160,6 @@ def test_python_dash_m_help():
         assert proc.returncode == 0, proc.stderr
         assert "usage: updatebuffer" in proc.stdout
     assert "--hot-fraction" in proc.stdout
-
-
-def run_cli(*argv, cwd=None):
-    """Run ``python -m updatebuffer *argv`` in a child process; return (status, stdout, stderr)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "updatebuffer", *argv],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=cwd,
-    )
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def assert_one_line_error(err, command, *fragments):
-    """A user error: exactly one line on stderr, naming the command, no traceback."""
-    assert "Traceback" not in err, err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"updatebuffer {command}: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], err
 
 
 PER_PROCESS = [

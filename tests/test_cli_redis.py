@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from cli_helpers import assert_one_line_error, run_cli
 
 import updatebuffer
 from updatebuffer.cli import main
@@ -152,27 +153,6 @@ def test_dead_list_replay_purge(url, key_prefix, redis_server, capsys):
     buf.close()
     assert main(["dead", "purge", url]) == 0
     assert "purged 0" in capsys.readouterr().out
-
-
-def run_cli(*argv, cwd=None):
-    proc = subprocess.run(
-        [sys.executable, "-m", "updatebuffer", *argv],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=cwd,
-    )
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def assert_one_line_error(err, command, *fragments):
-    assert "Traceback" not in err, err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"updatebuffer {command}: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], err
 
 
 @pytest.mark.parametrize("command", [["stats"], ["stats", "--json"], ["dead", "list"]])
