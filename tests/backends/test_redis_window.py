@@ -129,3 +129,41 @@ def test_exit_without_close_while_redis_is_down_reports_the_lost_rows(key_prefix
     )
     assert done.returncode == 0, done.stderr
     assert "at exit, without close(): 7 local-window rows could not be pushed" in done.stderr
+
+
+def test_get_includes_the_rows_not_yet_pushed(redis_server, key_prefix):
+    """get() sees what the window holds, merged after what Redis holds, as it is delivered."""
+    fail = [True]
+    rec = Recorder()
+
+    def flush(batch):
+        if fail[0]:
+            raise RuntimeError("down")
+        rec(batch)
+
+    with (
+        updatebuffer.from_url(
+            redis_server.url,
+            flush=flush,
+            key_prefix=key_prefix,
+            delay=0,
+            local_window=3600,
+            retry_backoff=3600,
+        ) as buf,
+        updatebuffer.from_url(
+            redis_server.url, flush=flush, key_prefix=key_prefix, delay=3600
+        ) as other,
+    ):
+        buf.incr("g", {"n": 1, "f": 0.1}, {"id": 1}, extra={"e": "a"}, greatest={"t": 5})
+        buf.drain()  # pushed, claimed, failed: in flight in Redis
+        other.incr("g", {"n": 2}, {"id": 1}, greatest={"t": 9})  # pending in Redis
+        buf.incr("g", {"n": 4, "f": 0.2}, {"id": 1}, extra={"e": "b"}, greatest={"t": 7})
+        got = buf.get("g", {"id": 1})
+        fail[0] = False
+        buf.drain()
+    assert got is not None
+    assert dict(got.columns) == {"n": 7, "f": 0.1 + 0.2}
+    assert dict(got.extra) == {"e": "b"}
+    assert dict(got.greatest) == {"t": 9}
+    assert got.count == 3
+    assert sum(u.columns["n"] for u in rec.updates()) == 7

@@ -42,7 +42,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, ClassVar, cast
@@ -1513,21 +1513,32 @@ class RedisBuffer(_Closeable):
     # -- reading -----------------------------------------------------------------------------
 
     def get(self, model: str, filters: Mapping[str, Value]) -> Update | None:
-        """Return the not yet flushed update of a row (in-flight and pending parts merged).
+        """Return the not yet flushed update of a row (in-flight, pending and window parts merged).
 
         :raises InvalidUpdateError: the model or filters are invalid.
         :raises BackendError: Redis failed.
         """
         canonical = encode_row(model, filters)
         part, member = self._locate(model, canonical)
-        with self._errors("reading a row"):
-            in_flight, pending = self._script(part, "get")(
-                keys=[f"{part.base}:~f:{member}", f"{part.base}:{member}"]
-            )
-        parts = [_decode_row(raw) for raw in (in_flight, pending) if raw]
+        window = self._window
+        # Under the window lock: a push in hand is either all in Redis or all in the window,
+        # never counted in both.
+        with self._window_lock if window is not None else nullcontext():
+            with self._errors("reading a row"):
+                in_flight, pending = self._script(part, "get")(
+                    keys=[f"{part.base}:~f:{member}", f"{part.base}:{member}"]
+                )
+            parts = [_decode_row(raw) for raw in (in_flight, pending) if raw]
+            # The window's part is the newest: it reaches Redis only at its next push.
+            local = None if window is None else window.get(model, filters)
+        if local is not None:
+            parts.append(local)
         if not parts:
             return None
-        return parts[0] if len(parts) == 1 else merge_updates(parts[0], parts[1])
+        merged = parts[0]
+        for later in parts[1:]:
+            merged = merge_updates(merged, later)
+        return merged
 
     def stats(self) -> BufferStats:
         """Return pending, in-flight and dead counts per partition and lifetime totals.
