@@ -127,11 +127,22 @@ def _unchecked_update(
 
 
 def _pick(
-    a: Mapping[str, Value], b: Mapping[str, Value], keep_b: Callable[[Value, Value], bool]
+    a: Mapping[str, Value],
+    b: Mapping[str, Value],
+    keep_b: Callable[[Value, Value], bool],
+    strict: bool,
 ) -> dict[str, Value]:
     out = dict(a)
     for name, value in b.items():
-        if name not in out or keep_b(out[name], value):
+        if name not in out:
+            out[name] = value
+            continue
+        try:
+            if keep_b(out[name], value):
+                out[name] = value
+        except TypeError:
+            if strict:
+                raise
             out[name] = value
     return out
 
@@ -144,11 +155,17 @@ def _less(old: Value, new: Value) -> bool:
     return new < old  # type: ignore[operator]  # callers only merge values of one ordered family
 
 
-def merge_updates(earlier: Update, later: Update) -> Update:
+def merge_updates(earlier: Update, later: Update, *, strict: bool = True) -> Update:
     """Merge two updates of the same row; *later* is the one buffered after *earlier*.
 
     Sums ``columns``, lets *later* win for ``extra``, keeps the max for ``greatest`` and the min
     for ``least``, and ANDs ``signal_only``. ``count`` adds up; ``first_buffered`` is the minimum.
+
+    :param strict: whether a ``greatest``/``least`` value that cannot be compared with the
+        earlier one (a str after an int) raises; if false, *later*'s value is kept. A row's
+        in-flight and pending parts are delivered in separate batches, so ``get()`` shows their
+        merge without refusing what ``incr`` accepted.
+    :raises TypeError: *strict* and two values cannot be compared.
     """
     columns: dict[str, Number] = dict(earlier.columns)
     for name, delta in later.columns.items():
@@ -160,8 +177,8 @@ def merge_updates(earlier: Update, later: Update) -> Update:
         filters=earlier.filters,
         columns=columns,
         extra={**earlier.extra, **later.extra},
-        greatest=_pick(earlier.greatest, later.greatest, _greater),
-        least=_pick(earlier.least, later.least, _less),
+        greatest=_pick(earlier.greatest, later.greatest, _greater, strict),
+        least=_pick(earlier.least, later.least, _less, strict),
         signal_only=earlier.signal_only and later.signal_only,
         count=earlier.count + later.count,
         first_buffered=min(earlier.first_buffered, later.first_buffered),

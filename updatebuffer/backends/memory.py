@@ -604,7 +604,7 @@ class MemoryBuffer(_Closeable):
             return None
         merged = parts[0]
         for later in parts[1:]:
-            merged = merge_updates(merged, later)
+            merged = merge_updates(merged, later, strict=False)
         return merged
 
     def stats(self) -> BufferStats:

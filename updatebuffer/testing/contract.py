@@ -348,6 +348,23 @@ class BufferContract:
         assert rec.applied[-1][0].extra["v"] == "new"  # the newer extra is applied last
         assert rec.overlaps == []
 
+    def test_get_merges_a_failed_batch_with_newer_values_of_another_type(
+        self, make_buffer: MakeBuffer
+    ) -> None:
+        # incr checks a value against the pending row only: a failed batch may hold an int
+        # where newer updates hold a str. They are delivered apart; get() shows the newer one.
+        self._need_buffering()
+        rec = Recorder(fail_times=1)
+        buf = make_buffer(rec, max_attempts=5, retry_backoff=3600)
+        buf.incr("g", {"n": 1}, {"id": 1}, greatest={"t": 5}, least={"u": 5})
+        buf.drain()  # fails: the batch is kept
+        buf.incr("g", {"n": 2}, {"id": 1}, greatest={"t": "x"}, least={"u": b"y"})
+        pending = buf.get("g", {"id": 1})
+        assert pending is not None
+        assert dict(pending.columns) == {"n": 3}
+        assert dict(pending.greatest) == {"t": "x"} and dict(pending.least) == {"u": b"y"}
+        assert pending.count == 2
+
     def test_poison_row_is_isolated_and_dead_lettered(self, make_buffer: MakeBuffer) -> None:
         self._need_dead_letters()
         rec = Recorder(poison=(("g", {"id": 3}),))
