@@ -950,9 +950,14 @@ class RedisBuffer(_Closeable):
     def from_url(cls, url: str, *, flush: FlushCallback, **options: Any) -> Self:
         """Build a Redis buffer from a URL (see the class docstring) and keyword options.
 
-        :raises ConfigurationError: an unsupported scheme, or an invalid option.
+        :raises ConfigurationError: an unsupported scheme, a malformed host, port or database
+            number, or an invalid option.
         """
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018  # raises on a malformed port: a mistake, not an outage
+        except ValueError as exc:
+            raise ConfigurationError(f"malformed redis URL {mask_url(url)}: {exc}") from None
         scheme = parts.scheme.lower()
         schemes = ("redis", "rediss", "redis+unix", "redis+cluster", "rediss+cluster")
         if scheme not in schemes:
@@ -969,6 +974,16 @@ class RedisBuffer(_Closeable):
         )
         db = opts.pop("db")
         hosts = opts.pop("hosts")
+        path_db = parts.path.strip("/")
+        if "+unix" not in scheme and path_db and not path_db.isdigit():
+            raise ConfigurationError(
+                f"malformed redis URL {mask_url(url)}: the path must be a database number",
+                option="db",
+            )
+        if "+cluster" in scheme and (path_db not in ("", "0") or db not in (None, 0)):
+            raise ConfigurationError(
+                f"{mask_url(url)}: Redis Cluster has only database 0", option="db"
+            )
         client = options.get("client")
         if (
             sum(x is not None for x in (client, hosts))
