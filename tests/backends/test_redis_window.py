@@ -167,3 +167,19 @@ def test_get_includes_the_rows_not_yet_pushed(redis_server, key_prefix):
     assert dict(got.greatest) == {"t": 9}
     assert got.count == 3
     assert sum(u.columns["n"] for u in rec.updates()) == 7
+
+
+def test_stats_count_the_rows_not_yet_pushed(redis_server, key_prefix):
+    rec = Recorder()
+    with updatebuffer.from_url(
+        redis_server.url, flush=rec, key_prefix=key_prefix, delay=3600, local_window=3600
+    ) as buf:
+        assert buf.stats().pending_rows == 0
+        buf.incr("g", {"n": 1}, {"id": 1})
+        buf.incr("g", {"n": 1}, {"id": 2})
+        held = buf.stats()
+        assert held.pending_rows == 2
+        assert held.oldest_pending_age is not None
+        assert buf.drain() == 2
+        assert buf.stats().pending_rows == 0
+    assert rec.total("n") == 2

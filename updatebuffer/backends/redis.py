@@ -1558,7 +1558,8 @@ class RedisBuffer(_Closeable):
     def stats(self) -> BufferStats:
         """Return pending, in-flight and dead counts per partition and lifetime totals.
 
-        Totals are shared by every process using these Redis keys.
+        Totals are shared by every process using these Redis keys. With ``local_window``,
+        ``pending_rows`` and ``oldest_pending_age`` also count this process's rows not yet pushed.
 
         :raises BackendError: Redis failed.
         """
@@ -1590,6 +1591,12 @@ class RedisBuffer(_Closeable):
         with kept.lock:
             dead += len(kept.letters)
             totals[b"dead"] += kept.total
+        if self._window is not None:
+            # Rows still in this process's window are buffered too: not pushed, not claimed.
+            held = self._window.stats()
+            pending += held.pending_rows + held.in_flight_rows
+            if held.oldest_pending_age is not None:
+                oldest = max(oldest or 0.0, held.oldest_pending_age)
         return BufferStats(
             pending_rows=pending,
             oldest_pending_age=oldest,
