@@ -28,6 +28,7 @@ __all__ = [
     "check_values",
     "conflicting_operations",
     "ordered_pick",
+    "plain_filters",
     "require_filters",
     "row_identity",
 ]
@@ -47,6 +48,10 @@ _FAST_TAGS: dict[type, str] = {
     datetime.date: "d",
 }
 _ORDERED = (int, float, decimal.Decimal, str, bytes, datetime.date, uuid.UUID)
+# The types the codec decodes to. A value of another accepted type (IntEnum, a str enum,
+# bytearray, a Decimal subclass) is kept as the base type the codec gives back, as the Redis
+# backend delivers it; a bytearray the caller changes after incr cannot change what is buffered.
+_PLAIN = frozenset({*_FAST_TAGS, float, decimal.Decimal, datetime.datetime})
 
 
 def _bad_mapping(what: str, value: object) -> InvalidUpdateError:
@@ -94,6 +99,19 @@ def row_identity(model: object, filters: object) -> Hashable:
         if type(name) is not str or not name or not name.isascii():
             check_name(name, "filters key")
     return (model, *[_filter_part(name, filters[name]) for name in sorted(filters)])
+
+
+def plain_filters(filters: Mapping[str, Value]) -> dict[str, Value]:
+    """Return a copy of checked *filters* with every value of a subclass type as its base type.
+
+    ``IntEnum.A`` becomes ``1`` and ``bytearray(b"x")`` becomes ``b"x"``, as the codec decodes
+    them, so every backend hands the callback the same types.
+    """
+    out = dict(filters)
+    for name, value in out.items():
+        if type(value) not in _PLAIN:
+            out[name] = decode_value(encode_value(value, f"filters[{name!r}]"))
+    return out
 
 
 def check_columns(columns: object) -> dict[str, Number]:
@@ -199,7 +217,10 @@ def check_values(values: object, what: str) -> dict[str, Value]:
             check_name(name, f"{what} key")
         kind = type(value)
         if kind not in _FAST_TAGS or (kind is str and not value.isascii()):
-            check_value(value, f"{what}[{name!r}]")
+            if kind in _PLAIN:
+                check_value(value, f"{what}[{name!r}]")
+            else:
+                value = decode_value(encode_value(value, f"{what}[{name!r}]"))
         out[name] = value
     return out
 

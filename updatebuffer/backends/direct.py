@@ -16,6 +16,7 @@ from typing_extensions import Self
 
 from updatebuffer._validate import (
     check_operations,
+    plain_filters,
     require_filters,
     row_identity,
 )
@@ -101,7 +102,7 @@ class DirectBuffer(_Closeable):
         ops = check_operations(columns, extra, greatest, least, signal_only, filters)
         update = Update(
             model=model,
-            filters=dict(filters),  # type: ignore[arg-type]  # checked by row_identity
+            filters=plain_filters(filters),  # type: ignore[arg-type]  # checked by row_identity
             columns=ops.columns,
             extra=ops.extra,
             greatest=ops.greatest,

@@ -32,6 +32,7 @@ from updatebuffer._validate import (
     check_sum,
     conflicting_operations,
     ordered_pick,
+    plain_filters,
     require_filters,
     row_identity,
 )
@@ -391,7 +392,7 @@ class MemoryBuffer(_Closeable):
                 if len(self._pending) < self.max_rows:
                     self._pending[key] = _Row(
                         model,
-                        dict(filters),  # type: ignore[arg-type]  # checked by row_identity
+                        plain_filters(filters),  # type: ignore[arg-type]  # checked by row_identity
                         cols,
                         ext,
                         most,

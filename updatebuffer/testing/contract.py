@@ -254,6 +254,47 @@ class BufferContract:
         assert update.extra["when"].utcoffset() == offset.utcoffset(None)  # type: ignore[union-attr]  # a datetime
         assert str(update.extra["money"]) == "10.50"
 
+    def test_subclass_values_are_delivered_as_their_base_types(
+        self, make_buffer: MakeBuffer
+    ) -> None:
+        import decimal
+        import enum
+
+        class Level(enum.IntEnum):
+            HIGH = 3
+
+        class Kind(str, enum.Enum):
+            BUG = "bug"
+
+        class Money(decimal.Decimal):
+            pass
+
+        rec = Recorder()
+        buf = make_buffer(rec)
+        # bytearray is accepted at run time though outside the `Value` type.
+        raw: Any = bytearray(b"ab")
+        key: Any = bytearray(b"k")
+        buf.incr(
+            "g",
+            {"n": 1},
+            {"level": Level.HIGH, "kind": Kind.BUG, "raw": key},
+            {"blob": raw, "type": Kind.BUG},
+            greatest={"money": Money("1.5")},
+        )
+        raw[0] = ord("X")  # the caller reuses its buffer: what was buffered must not change
+        buf.drain()
+        [update] = rec.updates()
+        got = {**update.filters, **{f"extra.{k}": v for k, v in update.extra.items()}}
+        got["greatest.money"] = update.greatest["money"]
+        assert {k: (type(v), v) for k, v in got.items()} == {
+            "level": (int, 3),
+            "kind": (str, "bug"),
+            "raw": (bytes, b"k"),
+            "extra.blob": (bytes, b"ab"),
+            "extra.type": (str, "bug"),
+            "greatest.money": (decimal.Decimal, decimal.Decimal("1.5")),
+        }
+
     def test_get_returns_pending_update(self, make_buffer: MakeBuffer) -> None:
         self._need_buffering()
         rec = Recorder()
