@@ -105,12 +105,18 @@ def plain_filters(filters: Mapping[str, Value]) -> dict[str, Value]:
     """Return a copy of checked *filters* with every value of a subclass type as its base type.
 
     ``IntEnum.A`` becomes ``1`` and ``bytearray(b"x")`` becomes ``b"x"``, as the codec decodes
-    them, so every backend hands the callback the same types.
+    them, and a ``str`` enum name a plain ``str``, so every backend hands the callback the same
+    types.
     """
     out = dict(filters)
     for name, value in out.items():
-        if type(value) not in _PLAIN:
-            out[name] = decode_value(encode_value(value, f"filters[{name!r}]"))
+        if type(value) not in _PLAIN or type(name) is not str:
+            return {
+                check_name(k, "filters key"): v
+                if type(v) in _PLAIN
+                else decode_value(encode_value(v, f"filters[{k!r}]"))
+                for k, v in filters.items()
+            }
     return out
 
 
@@ -129,7 +135,7 @@ def check_columns(columns: object) -> dict[str, Number]:
     out: dict[str, Number] = {}
     for name, delta in columns.items():
         if type(name) is not str or not name or not name.isascii():
-            check_name(name, "columns key")
+            name = check_name(name, "columns key")
         kind = type(delta)
         if kind is int:
             if not INT64_MIN <= delta <= INT64_MAX:
@@ -214,7 +220,7 @@ def check_values(values: object, what: str) -> dict[str, Value]:
     out: dict[str, Value] = {}
     for name, value in values.items():
         if type(name) is not str or not name or not name.isascii():
-            check_name(name, f"{what} key")
+            name = check_name(name, f"{what} key")
         kind = type(value)
         if kind not in _FAST_TAGS or (kind is str and not value.isascii()):
             if kind in _PLAIN:

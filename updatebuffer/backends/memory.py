@@ -52,6 +52,7 @@ from updatebuffer.errors import (
     InvalidUpdateError,
     UpdateBufferError,
 )
+from updatebuffer.keys import check_name
 from updatebuffer.update import Batch, BufferStats, FlushCallback, Update, merge_updates
 
 if TYPE_CHECKING:
@@ -391,7 +392,7 @@ class MemoryBuffer(_Closeable):
                                 raise conflicting_operations(name, "filters", "columns")
                 if len(self._pending) < self.max_rows:
                     self._pending[key] = _Row(
-                        model,
+                        model if type(model) is str else check_name(model, "model"),
                         plain_filters(filters),  # type: ignore[arg-type]  # checked by row_identity
                         cols,
                         ext,

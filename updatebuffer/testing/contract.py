@@ -295,6 +295,31 @@ class BufferContract:
             "greatest.money": (decimal.Decimal, decimal.Decimal("1.5")),
         }
 
+    def test_str_enum_names_are_delivered_as_plain_str(self, make_buffer: MakeBuffer) -> None:
+        import enum
+
+        class Name(str, enum.Enum):
+            MODEL = "groups"
+            N = "n"
+            ID = "id"
+            MSG = "msg"
+            LAST = "last"
+
+        rec = Recorder()
+        buf = make_buffer(rec)
+        buf.incr(Name.MODEL, {Name.N: 1}, {Name.ID: 1}, {Name.MSG: "x"}, greatest={Name.LAST: 2})
+        buf.drain()
+        [update] = rec.updates()
+        names = [update.model, *update.columns, *update.filters, *update.extra, *update.greatest]
+        # A host formats names into SQL: "groups", not "Name.MODEL", on every backend.
+        assert [(type(n), f"{n}") for n in names] == [
+            (str, "groups"),
+            (str, "n"),
+            (str, "id"),
+            (str, "msg"),
+            (str, "last"),
+        ]
+
     def test_get_returns_pending_update(self, make_buffer: MakeBuffer) -> None:
         self._need_buffering()
         rec = Recorder()
