@@ -329,6 +329,34 @@ def test_values_python_cannot_compare_are_refused_alike(redis_client, first, sec
     assert refused == [None, "greatest['hi']"]
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "held", "given"),
+    [
+        (1, "1", "int, float or Decimal", "str"),
+        (
+            datetime.date(2024, 1, 1),
+            datetime.datetime(2024, 1, 1, tzinfo=UTC),
+            "datetime.date",
+            "datetime.datetime",
+        ),
+        (b"x", "x", "bytes", "str"),
+    ],
+    ids=repr,
+)
+def test_a_refused_comparison_names_both_types_on_redis(redis_client, first, second, held, given):
+    # As memory's refusal does: the field, the type given and the type buffered.
+    buf = make("redis", Recorder(), redis_client)
+    try:
+        buf.incr("g", {}, {"id": 1}, least={"lo": first})
+        with pytest.raises(InvalidUpdateError) as info:
+            buf.incr("g", {}, {"id": 1}, least={"lo": second})
+    finally:
+        buf.close()
+    err = info.value
+    assert (err.field, err.expected, err.got) == ("least['lo']", held, given)
+    assert f"least['lo']: cannot compare {given} with the buffered {held};" in str(err)
+
+
 # -- strings that cannot be encoded ------------------------------------------------------------
 
 BAD = "bad\ud800"

@@ -55,6 +55,7 @@ from updatebuffer._validate import (
     _FAST_TAGS,
     INT64_MAX,
     INT64_MIN,
+    Operations,
     check_operations,
     conflicting_operations,
     require_filters,
@@ -1217,7 +1218,34 @@ class RedisBuffer(_Closeable):
             failed = self._script(part, "incr")(
                 keys=[part.pending, part.stats], args=[part.base, "", 1, *args]
             )
-        _raise_if_refused(failed)
+        if failed:
+            raise self._refusal(failed, ops, part, member)
+
+    def _refusal(
+        self, reply: Sequence[Any], ops: Operations, part: _Partition, member: str
+    ) -> InvalidUpdateError:
+        """Return the :class:`InvalidUpdateError` for an incr script's refusal of *ops*."""
+        _, raw_code, raw_field = reply
+        code, field = raw_code.decode(), raw_field.decode()
+        kind, _, name = field.partition(":")
+        if code != "mixed" or kind not in ("G", "L"):
+            return _rejection(code, field)
+        # Name both types, as the other backends do: the given value's, and the buffered one's
+        # family from its order key (one more round trip, on this error path only).
+        new = (ops.greatest if kind == "G" else ops.least)[name]
+        with suppress(*_REDIS_ERRORS):
+            held = part.client.hget(f"{part.base}:{member}", field)
+            if held:
+                family = _FAMILIES.get(held[:1], "another type")
+                what = f"{_OPERATIONS[kind]}[{name!r}]"
+                return InvalidUpdateError(
+                    f"{what}: cannot compare {type_name(new)} with the buffered {family}; a "
+                    "column must keep one type",
+                    field=what,
+                    expected=family,
+                    got=type_name(new),
+                )
+        return _rejection(code, field)
 
     def _push(self, batch: Batch) -> None:
         """Flush callback of the local window: merge its rows into Redis, one call per partition.
@@ -1763,13 +1791,6 @@ def _flat(raw: Any) -> list[bytes]:
     return list(cast("Sequence[bytes]", raw))
 
 
-def _raise_if_refused(reply: Sequence[Any]) -> None:
-    """Raise the :class:`InvalidUpdateError` an incr script reported (``[index, code, field]``)."""
-    if reply:
-        _, code, field = reply
-        raise _rejection(code.decode(), field.decode())
-
-
 _OPERATIONS = {
     "c": "columns",
     "e": "extra",
@@ -1777,6 +1798,17 @@ _OPERATIONS = {
     "l": "least",
     "G": "greatest",
     "L": "least",
+}
+
+
+# The first byte of an order key (_order_key) names its family.
+_FAMILIES = {
+    b"n": "int, float or Decimal",
+    b"t": "datetime.datetime",
+    b"d": "datetime.date",
+    b"s": "str",
+    b"b": "bytes",
+    b"u": "uuid.UUID",
 }
 
 
