@@ -431,6 +431,43 @@ class BufferContract:
         assert dict(pending.greatest) == {"t": "x"} and dict(pending.least) == {"u": b"y"}
         assert pending.count == 2
 
+    def test_a_callback_changing_what_it_is_handed_changes_nothing_buffered(
+        self, make_buffer: MakeBuffer
+    ) -> None:
+        # Hosts reuse the mappings they are handed (`values = u.columns; values.update(...)`);
+        # a redelivery, get() and a dead letter still hold what was buffered.
+        self._need_buffering()
+        seen: list[tuple[dict[str, Any], ...]] = []
+
+        def flush(batch: Batch) -> None:
+            for u in batch:
+                seen.append(tuple(dict(m) for m in (u.filters, u.columns, u.extra, u.greatest)))
+                for mapping in (u.filters, u.columns, u.extra, u.greatest):
+                    mapping.clear()  # type: ignore[attr-defined]  # a dict at run time
+                    mapping["id"] = 99  # type: ignore[index]  # a dict at run time
+            raise RuntimeError("the write failed")
+
+        buf = make_buffer(flush, max_attempts=2, retry_backoff=3600)
+        buf.incr("g", {"n": 1}, {"id": 1}, {"m": "x"}, greatest={"t": 5})
+        buf.drain()  # attempt 1 fails: the batch is kept
+        pending = buf.get("g", {"id": 1})
+        letters = []
+        for _ in range(5):  # redelivered until the row alone is dead-lettered
+            buf.drain()
+            letters = buf.dead_letters()  # type: ignore[attr-defined]  # dead_letters flag
+            if letters:
+                break
+        first = ({"id": 1}, {"n": 1}, {"m": "x"}, {"t": 5})
+        assert len(seen) >= 2 and all(delivered == first for delivered in seen), seen
+        assert pending is not None
+        got = (pending.filters, pending.columns, pending.extra, pending.greatest)
+        assert tuple(map(dict, got)) == first
+        if self.dead_letters:
+            [letter] = letters
+            held = letter.update
+            got = (held.filters, held.columns, held.extra, held.greatest)
+            assert tuple(map(dict, got)) == first
+
     def test_poison_row_is_isolated_and_dead_lettered(self, make_buffer: MakeBuffer) -> None:
         self._need_dead_letters()
         rec = Recorder(poison=(("g", {"id": 3}),))
