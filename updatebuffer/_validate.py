@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from updatebuffer.codec import check_value, decode_value, encode_value, type_name
 from updatebuffer.errors import InvalidUpdateError
 from updatebuffer.keys import check_name
+from updatebuffer.update import as_instants
 
 if TYPE_CHECKING:
     from updatebuffer._types import Number, Value
@@ -258,6 +259,7 @@ def ordered_pick(what: str, name: str, old: Value, new: Value, want_greater: boo
 
     :raises InvalidUpdateError: the two values cannot be compared (e.g. a str after a datetime).
     """
+    old, new = as_instants(old, new)
     try:
         return bool(new > old) if want_greater else bool(new < old)  # type: ignore[operator]
     except TypeError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeAlias, overload
@@ -14,6 +15,7 @@ __all__ = [
     "BufferStats",
     "FlushCallback",
     "Update",
+    "as_instants",
     "batch_lineage",
     "child_batch_id",
     "merge_updates",
@@ -147,11 +149,38 @@ def _pick(
     return out
 
 
+def as_instants(old: Value, new: Value) -> tuple[Value, Value]:
+    """Return *old* and *new* in a form whose Python order is the order ``greatest`` means.
+
+    Python compares two datetimes that share a ``tzinfo`` by wall clock, ignoring their UTC
+    offsets: across a DST change (``ZoneInfo``, ``fold=1``) a later instant can compare lower.
+    Such a pair is returned as naive UTC datetimes, so every backend compares instants, as Redis
+    does; anything else is returned as it is.
+    """
+    if (
+        type(old) is datetime.datetime
+        and type(new) is datetime.datetime
+        and old.tzinfo is new.tzinfo
+        and old.tzinfo is not None
+        and not isinstance(old.tzinfo, datetime.timezone)  # a fixed offset: wall clock is fine
+    ):
+        return _naive_utc(old), _naive_utc(new)
+    return old, new
+
+
+def _naive_utc(moment: datetime.datetime) -> datetime.datetime:
+    offset = moment.utcoffset()
+    naive = moment.replace(tzinfo=None, fold=0)
+    return naive if offset is None else naive - offset
+
+
 def _greater(old: Value, new: Value) -> bool:
+    old, new = as_instants(old, new)
     return new > old  # type: ignore[operator]  # callers only merge values of one ordered family
 
 
 def _less(old: Value, new: Value) -> bool:
+    old, new = as_instants(old, new)
     return new < old  # type: ignore[operator]  # callers only merge values of one ordered family
 
 
