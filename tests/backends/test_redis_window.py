@@ -183,3 +183,41 @@ def test_stats_count_the_rows_not_yet_pushed(redis_server, key_prefix):
         assert buf.drain() == 2
         assert buf.stats().pending_rows == 0
     assert rec.total("n") == 2
+
+
+_CHILD_MAKES_ITS_OWN = """
+import multiprocessing, updatebuffer
+
+def work(url, prefix):
+    # The window is created in the child, which exits without close().
+    buf = updatebuffer.from_url(url, flush=print, key_prefix=prefix, delay=3600, local_window=3600)
+    for i in range(300):
+        buf.incr("g", {{"n": 1}}, {{"id": i % 7}})
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context({method!r})
+    child = ctx.Process(target=work, args=({url!r}, {prefix!r}))
+    child.start()
+    child.join()
+    raise SystemExit(child.exitcode)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_multiprocessing_child_pushes_a_window_it_created_at_exit(
+    redis_server, key_prefix, method, tmp_path
+):
+    import multiprocessing
+
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {method} start method here")
+    script = tmp_path / "child_makes_its_own.py"
+    script.write_text(
+        _CHILD_MAKES_ITS_OWN.format(method=method, url=redis_server.url, prefix=key_prefix)
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    expected = Counter({i: len(range(i, 300, 7)) for i in range(7)})
+    assert _flush_all(redis_server.url, key_prefix) == expected

@@ -558,6 +558,10 @@ class _ExitHooks:
         import multiprocessing.util  # only processes with a local window need it
 
         multiprocessing.util.register_after_fork(cls, _ExitHooks._in_worker)
+        if multiprocessing.parent_process() is not None:
+            # The first window of a process multiprocessing started (a fork or forkserver child
+            # exits with os._exit() too): the hook above only serves its future children.
+            cls._in_worker(None)
 
     @staticmethod
     def _in_worker(_: object) -> None:
