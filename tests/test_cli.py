@@ -197,6 +197,9 @@ def test_worker_direct_prints_one_line_not_a_traceback():
         (["stats", "nosuch://x"], "no updatebuffer backend named 'nosuch'"),
         (["stats", "no-scheme-at-all"], "has no scheme"),
         (["dead", "list", "memory://?bogus=1"], "memory://"),
+        (["stats", "redis://:pw@[::1/0"], "malformed URL"),
+        (["stats", "redis://127.0.0.1:99999/0"], "Port out of range"),
+        (["dead", "list", "redis+cluster://127.0.0.1:7000/3"], "has only database 0"),
     ],
 )
 def test_url_mistakes_are_one_line(argv, fragment, capsys):

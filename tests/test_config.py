@@ -243,3 +243,23 @@ def test_parse_options_errors_never_show_the_password():
         with pytest.raises(ConfigurationError) as info:
             parse_options("x", table, url, {})
         assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("redis://:pw@[::1/0", "Invalid IPv6 URL"),
+        ("redis://127.0.0.1:99999/0", "Port out of range"),
+        ("redis://127.0.0.1:abc/0", "Port could not be cast"),
+        ("redis://127.0.0.1:6379/abc", "the path must be a database number"),
+        ("redis+cluster://127.0.0.1:7000/3", "only database 0"),
+        ("redis+cluster://127.0.0.1:7000?db=1", "only database 0"),
+        ("memory://[", "Invalid IPv6 URL"),
+    ],
+)
+def test_malformed_urls_are_configuration_errors_before_any_connection(url, fragment):
+    # Nothing listens on these ports: a mistake in the URL is told as one, not as an outage.
+    pytest.importorskip("redis")
+    with pytest.raises(ConfigurationError, match=fragment) as info:
+        updatebuffer.from_url(url, flush=lambda batch: None)
+    assert "pw" not in str(info.value)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from updatebuffer.codec import check_value, decode_value, encode_value, type_name
 from updatebuffer.errors import InvalidUpdateError
 from updatebuffer.keys import check_name
+from updatebuffer.update import as_instants
 
 if TYPE_CHECKING:
     from updatebuffer._types import Number, Value
@@ -28,6 +29,7 @@ __all__ = [
     "check_values",
     "conflicting_operations",
     "ordered_pick",
+    "plain_filters",
     "require_filters",
     "row_identity",
 ]
@@ -47,6 +49,10 @@ _FAST_TAGS: dict[type, str] = {
     datetime.date: "d",
 }
 _ORDERED = (int, float, decimal.Decimal, str, bytes, datetime.date, uuid.UUID)
+# The types the codec decodes to. A value of another accepted type (IntEnum, a str enum,
+# bytearray, a Decimal subclass) is kept as the base type the codec gives back, as the Redis
+# backend delivers it; a bytearray the caller changes after incr cannot change what is buffered.
+_PLAIN = frozenset({*_FAST_TAGS, float, decimal.Decimal, datetime.datetime})
 
 
 def _bad_mapping(what: str, value: object) -> InvalidUpdateError:
@@ -96,6 +102,25 @@ def row_identity(model: object, filters: object) -> Hashable:
     return (model, *[_filter_part(name, filters[name]) for name in sorted(filters)])
 
 
+def plain_filters(filters: Mapping[str, Value]) -> dict[str, Value]:
+    """Return a copy of checked *filters* with every value of a subclass type as its base type.
+
+    ``IntEnum.A`` becomes ``1`` and ``bytearray(b"x")`` becomes ``b"x"``, as the codec decodes
+    them, and a ``str`` enum name a plain ``str``, so every backend hands the callback the same
+    types.
+    """
+    out = dict(filters)
+    for name, value in out.items():
+        if type(value) not in _PLAIN or type(name) is not str:
+            return {
+                check_name(k, "filters key"): v
+                if type(v) in _PLAIN
+                else decode_value(encode_value(v, f"filters[{k!r}]"))
+                for k, v in filters.items()
+            }
+    return out
+
+
 def check_columns(columns: object) -> dict[str, Number]:
     """Return a copy of *columns* after checking names and deltas.
 
@@ -111,7 +136,7 @@ def check_columns(columns: object) -> dict[str, Number]:
     out: dict[str, Number] = {}
     for name, delta in columns.items():
         if type(name) is not str or not name or not name.isascii():
-            check_name(name, "columns key")
+            name = check_name(name, "columns key")
         kind = type(delta)
         if kind is int:
             if not INT64_MIN <= delta <= INT64_MAX:
@@ -196,10 +221,13 @@ def check_values(values: object, what: str) -> dict[str, Value]:
     out: dict[str, Value] = {}
     for name, value in values.items():
         if type(name) is not str or not name or not name.isascii():
-            check_name(name, f"{what} key")
+            name = check_name(name, f"{what} key")
         kind = type(value)
         if kind not in _FAST_TAGS or (kind is str and not value.isascii()):
-            check_value(value, f"{what}[{name!r}]")
+            if kind in _PLAIN:
+                check_value(value, f"{what}[{name!r}]")
+            else:
+                value = decode_value(encode_value(value, f"{what}[{name!r}]"))
         out[name] = value
     return out
 
@@ -231,6 +259,7 @@ def ordered_pick(what: str, name: str, old: Value, new: Value, want_greater: boo
 
     :raises InvalidUpdateError: the two values cannot be compared (e.g. a str after a datetime).
     """
+    old, new = as_instants(old, new)
     try:
         return bool(new > old) if want_greater else bool(new < old)  # type: ignore[operator]
     except TypeError:

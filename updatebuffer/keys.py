@@ -45,7 +45,13 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
 def check_name(name: object, field: str) -> str:
-    """Return *name* if it is a non-empty ``str``; else raise :class:`InvalidUpdateError`.
+    """Return *name* as a plain ``str`` if it is a non-empty ``str``; else raise.
+
+    A ``str`` subclass (a ``str`` enum member) comes back as a plain ``str`` of the same
+    characters, which is what a Redis backend delivers: its ``format()`` may differ
+    (``"Col.N"``), and a host building SQL from names must get the same text on every backend.
+
+    :raises InvalidUpdateError: *name* is not a non-empty ``str`` UTF-8 can encode.
 
     :param name: the model or field name to check.
     :param field: how to name it in the error (``"model"``, ``"columns key"`` ...).
@@ -67,7 +73,7 @@ def check_name(name: object, field: str) -> str:
         )
     if not name.isascii():
         _check_encodable(name, field)
-    return name
+    return name if type(name) is str else str.__str__(name)
 
 
 def _check_encodable(text: str, field: str) -> None:

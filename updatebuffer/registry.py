@@ -223,7 +223,10 @@ def backend_name_for_url(url: str) -> str:
     """
     if not isinstance(url, str):
         raise ConfigurationError(f"URL must be a str, got {type(url).__qualname__}")
-    scheme = urlsplit(url).scheme if "://" in url else ""
+    try:
+        scheme = urlsplit(url).scheme if "://" in url else ""
+    except ValueError as exc:  # e.g. an unclosed "[" of an IPv6 host
+        raise ConfigurationError(f"malformed URL {mask_url(url)}: {exc}") from None
     if not scheme:
         raise ConfigurationError(
             f"URL {mask_url(url)!r} has no scheme; use e.g. 'memory://' or 'redis://host:6379/0'"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeAlias, overload
@@ -14,6 +15,7 @@ __all__ = [
     "BufferStats",
     "FlushCallback",
     "Update",
+    "as_instants",
     "batch_lineage",
     "child_batch_id",
     "merge_updates",
@@ -127,28 +129,72 @@ def _unchecked_update(
 
 
 def _pick(
-    a: Mapping[str, Value], b: Mapping[str, Value], keep_b: Callable[[Value, Value], bool]
+    a: Mapping[str, Value],
+    b: Mapping[str, Value],
+    keep_b: Callable[[Value, Value], bool],
+    strict: bool,
 ) -> dict[str, Value]:
     out = dict(a)
     for name, value in b.items():
-        if name not in out or keep_b(out[name], value):
+        if name not in out:
+            out[name] = value
+            continue
+        try:
+            if keep_b(out[name], value):
+                out[name] = value
+        except TypeError:
+            if strict:
+                raise
             out[name] = value
     return out
 
 
+def as_instants(old: Value, new: Value) -> tuple[Value, Value]:
+    """Return *old* and *new* in a form whose Python order is the order ``greatest`` means.
+
+    Python compares two datetimes that share a ``tzinfo`` by wall clock, ignoring their UTC
+    offsets: across a DST change (``ZoneInfo``, ``fold=1``) a later instant can compare lower.
+    Such a pair is returned as naive UTC datetimes, so every backend compares instants, as Redis
+    does; anything else is returned as it is.
+    """
+    if (
+        type(old) is datetime.datetime
+        and type(new) is datetime.datetime
+        and old.tzinfo is new.tzinfo
+        and old.tzinfo is not None
+        and not isinstance(old.tzinfo, datetime.timezone)  # a fixed offset: wall clock is fine
+    ):
+        return _naive_utc(old), _naive_utc(new)
+    return old, new
+
+
+def _naive_utc(moment: datetime.datetime) -> datetime.datetime:
+    offset = moment.utcoffset()
+    naive = moment.replace(tzinfo=None, fold=0)
+    return naive if offset is None else naive - offset
+
+
 def _greater(old: Value, new: Value) -> bool:
+    old, new = as_instants(old, new)
     return new > old  # type: ignore[operator]  # callers only merge values of one ordered family
 
 
 def _less(old: Value, new: Value) -> bool:
+    old, new = as_instants(old, new)
     return new < old  # type: ignore[operator]  # callers only merge values of one ordered family
 
 
-def merge_updates(earlier: Update, later: Update) -> Update:
+def merge_updates(earlier: Update, later: Update, *, strict: bool = True) -> Update:
     """Merge two updates of the same row; *later* is the one buffered after *earlier*.
 
     Sums ``columns``, lets *later* win for ``extra``, keeps the max for ``greatest`` and the min
     for ``least``, and ANDs ``signal_only``. ``count`` adds up; ``first_buffered`` is the minimum.
+
+    :param strict: whether a ``greatest``/``least`` value that cannot be compared with the
+        earlier one (a str after an int) raises; if false, *later*'s value is kept. A row's
+        in-flight and pending parts are delivered in separate batches, so ``get()`` shows their
+        merge without refusing what ``incr`` accepted.
+    :raises TypeError: *strict* and two values cannot be compared.
     """
     columns: dict[str, Number] = dict(earlier.columns)
     for name, delta in later.columns.items():
@@ -160,8 +206,8 @@ def merge_updates(earlier: Update, later: Update) -> Update:
         filters=earlier.filters,
         columns=columns,
         extra={**earlier.extra, **later.extra},
-        greatest=_pick(earlier.greatest, later.greatest, _greater),
-        least=_pick(earlier.least, later.least, _less),
+        greatest=_pick(earlier.greatest, later.greatest, _greater, strict),
+        least=_pick(earlier.least, later.least, _less, strict),
         signal_only=earlier.signal_only and later.signal_only,
         count=earlier.count + later.count,
         first_buffered=min(earlier.first_buffered, later.first_buffered),

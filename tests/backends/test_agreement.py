@@ -329,6 +329,71 @@ def test_values_python_cannot_compare_are_refused_alike(redis_client, first, sec
     assert refused == [None, "greatest['hi']"]
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "held", "given"),
+    [
+        (1, "1", "int, float or Decimal", "str"),
+        (
+            datetime.date(2024, 1, 1),
+            datetime.datetime(2024, 1, 1, tzinfo=UTC),
+            "datetime.date",
+            "datetime.datetime",
+        ),
+        (b"x", "x", "bytes", "str"),
+    ],
+    ids=repr,
+)
+def test_a_refused_comparison_names_both_types_on_redis(redis_client, first, second, held, given):
+    # As memory's refusal does: the field, the type given and the type buffered.
+    buf = make("redis", Recorder(), redis_client)
+    try:
+        buf.incr("g", {}, {"id": 1}, least={"lo": first})
+        with pytest.raises(InvalidUpdateError) as info:
+            buf.incr("g", {}, {"id": 1}, least={"lo": second})
+    finally:
+        buf.close()
+    err = info.value
+    assert (err.field, err.expected, err.got) == ("least['lo']", held, given)
+    assert f"least['lo']: cannot compare {given} with the buffered {held};" in str(err)
+
+
+class _FoldZone(datetime.tzinfo):
+    """A zone at a DST end: the first pass of a wall-clock hour (fold=0) is +02:00, the second
+    (fold=1) +01:00, as ``ZoneInfo("Europe/Paris")`` at 02:00-03:00 on 2021-10-31."""
+
+    def utcoffset(self, dt):
+        return datetime.timedelta(hours=1 if dt.fold else 2)
+
+    def dst(self, dt):
+        return datetime.timedelta(hours=0 if dt.fold else 1)
+
+    def tzname(self, dt):
+        return "CET" if dt.fold else "CEST"
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis", "redis-window"])
+def test_datetimes_of_one_zone_across_a_dst_change_compare_as_instants(redis_client, kind):
+    # Python compares two datetimes sharing a tzinfo by wall clock: 02:59 (00:59Z) > 02:01
+    # fold=1 (01:01Z). last_seen must not go back an hour: every backend compares instants.
+    zone = _FoldZone()
+    early = datetime.datetime(2021, 10, 31, 2, 59, tzinfo=zone)
+    late = datetime.datetime(2021, 10, 31, 2, 1, fold=1, tzinfo=zone)
+    assert early.astimezone(UTC) < late.astimezone(UTC) and early > late
+    rec = Recorder()
+    buf = make(kind, rec, redis_client)
+    try:
+        buf.incr("g", {}, {"id": 1}, greatest={"last": early}, least={"first": late})
+        buf.incr("g", {}, {"id": 1}, greatest={"last": late}, least={"first": early})
+        buf.drain()
+    finally:
+        buf.close()
+    [update] = rec.updates()
+    # (astimezone on both sides: PEP 495 makes a fold-dependent datetime unequal to any other
+    # zone's.)
+    assert update.greatest["last"].astimezone(UTC) == late.astimezone(UTC)
+    assert update.least["first"].astimezone(UTC) == early.astimezone(UTC)
+
+
 # -- strings that cannot be encoded ------------------------------------------------------------
 
 BAD = "bad\ud800"

@@ -129,3 +129,95 @@ def test_exit_without_close_while_redis_is_down_reports_the_lost_rows(key_prefix
     )
     assert done.returncode == 0, done.stderr
     assert "at exit, without close(): 7 local-window rows could not be pushed" in done.stderr
+
+
+def test_get_includes_the_rows_not_yet_pushed(redis_server, key_prefix):
+    """get() sees what the window holds, merged after what Redis holds, as it is delivered."""
+    fail = [True]
+    rec = Recorder()
+
+    def flush(batch):
+        if fail[0]:
+            raise RuntimeError("down")
+        rec(batch)
+
+    with (
+        updatebuffer.from_url(
+            redis_server.url,
+            flush=flush,
+            key_prefix=key_prefix,
+            delay=0,
+            local_window=3600,
+            retry_backoff=3600,
+        ) as buf,
+        updatebuffer.from_url(
+            redis_server.url, flush=flush, key_prefix=key_prefix, delay=3600
+        ) as other,
+    ):
+        buf.incr("g", {"n": 1, "f": 0.1}, {"id": 1}, extra={"e": "a"}, greatest={"t": 5})
+        buf.drain()  # pushed, claimed, failed: in flight in Redis
+        other.incr("g", {"n": 2}, {"id": 1}, greatest={"t": 9})  # pending in Redis
+        buf.incr("g", {"n": 4, "f": 0.2}, {"id": 1}, extra={"e": "b"}, greatest={"t": 7})
+        got = buf.get("g", {"id": 1})
+        fail[0] = False
+        buf.drain()
+    assert got is not None
+    assert dict(got.columns) == {"n": 7, "f": 0.1 + 0.2}
+    assert dict(got.extra) == {"e": "b"}
+    assert dict(got.greatest) == {"t": 9}
+    assert got.count == 3
+    assert sum(u.columns["n"] for u in rec.updates()) == 7
+
+
+def test_stats_count_the_rows_not_yet_pushed(redis_server, key_prefix):
+    rec = Recorder()
+    with updatebuffer.from_url(
+        redis_server.url, flush=rec, key_prefix=key_prefix, delay=3600, local_window=3600
+    ) as buf:
+        assert buf.stats().pending_rows == 0
+        buf.incr("g", {"n": 1}, {"id": 1})
+        buf.incr("g", {"n": 1}, {"id": 2})
+        held = buf.stats()
+        assert held.pending_rows == 2
+        assert held.oldest_pending_age is not None
+        assert buf.drain() == 2
+        assert buf.stats().pending_rows == 0
+    assert rec.total("n") == 2
+
+
+_CHILD_MAKES_ITS_OWN = """
+import multiprocessing, updatebuffer
+
+def work(url, prefix):
+    # The window is created in the child, which exits without close().
+    buf = updatebuffer.from_url(url, flush=print, key_prefix=prefix, delay=3600, local_window=3600)
+    for i in range(300):
+        buf.incr("g", {{"n": 1}}, {{"id": i % 7}})
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context({method!r})
+    child = ctx.Process(target=work, args=({url!r}, {prefix!r}))
+    child.start()
+    child.join()
+    raise SystemExit(child.exitcode)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_multiprocessing_child_pushes_a_window_it_created_at_exit(
+    redis_server, key_prefix, method, tmp_path
+):
+    import multiprocessing
+
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {method} start method here")
+    script = tmp_path / "child_makes_its_own.py"
+    script.write_text(
+        _CHILD_MAKES_ITS_OWN.format(method=method, url=redis_server.url, prefix=key_prefix)
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    expected = Counter({i: len(range(i, 300, 7)) for i in range(7)})
+    assert _flush_all(redis_server.url, key_prefix) == expected

@@ -16,12 +16,14 @@ from typing_extensions import Self
 
 from updatebuffer._validate import (
     check_operations,
+    plain_filters,
     require_filters,
     row_identity,
 )
 from updatebuffer.buffer import _Closeable
 from updatebuffer.config import Option, mask_url, parse_options
 from updatebuffer.errors import ConfigurationError, UpdateBufferError
+from updatebuffer.keys import check_name
 from updatebuffer.update import Batch, BufferStats, FlushCallback, Update
 
 if TYPE_CHECKING:
@@ -100,8 +102,8 @@ class DirectBuffer(_Closeable):
         row_identity(model, filters)
         ops = check_operations(columns, extra, greatest, least, signal_only, filters)
         update = Update(
-            model=model,
-            filters=dict(filters),  # type: ignore[arg-type]  # checked by row_identity
+            model=model if type(model) is str else check_name(model, "model"),
+            filters=plain_filters(filters),  # type: ignore[arg-type]  # checked by row_identity
             columns=ops.columns,
             extra=ops.extra,
             greatest=ops.greatest,

@@ -32,6 +32,7 @@ from updatebuffer._validate import (
     check_sum,
     conflicting_operations,
     ordered_pick,
+    plain_filters,
     require_filters,
     row_identity,
 )
@@ -51,7 +52,15 @@ from updatebuffer.errors import (
     InvalidUpdateError,
     UpdateBufferError,
 )
-from updatebuffer.update import Batch, BufferStats, FlushCallback, Update, merge_updates
+from updatebuffer.keys import check_name
+from updatebuffer.update import (
+    Batch,
+    BufferStats,
+    FlushCallback,
+    Update,
+    _unchecked_update,
+    merge_updates,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Hashable, Mapping
@@ -390,8 +399,8 @@ class MemoryBuffer(_Closeable):
                                 raise conflicting_operations(name, "filters", "columns")
                 if len(self._pending) < self.max_rows:
                     self._pending[key] = _Row(
-                        model,
-                        dict(filters),  # type: ignore[arg-type]  # checked by row_identity
+                        model if type(model) is str else check_name(model, "model"),
+                        plain_filters(filters),  # type: ignore[arg-type]  # checked by row_identity
                         cols,
                         ext,
                         most,
@@ -513,7 +522,7 @@ class MemoryBuffer(_Closeable):
         return flight
 
     def _deliver(self, flight: _Flight) -> int:
-        batch = Batch(flight.updates, id=flight.id, attempt=flight.attempt)
+        batch = Batch(tuple(map(_copy, flight.updates)), id=flight.id, attempt=flight.attempt)
         try:
             self._flush(batch)
         except BaseException as exc:
@@ -596,7 +605,7 @@ class MemoryBuffer(_Closeable):
             flight_id = self._busy.get(key)
             if flight_id is not None and flight_id in self._flights:
                 flight = self._flights[flight_id]
-                parts.append(flight.updates[flight.keys.index(key)])
+                parts.append(_copy(flight.updates[flight.keys.index(key)]))
             row = self._pending.get(key)
             if row is not None:
                 parts.append(row.freeze())
@@ -604,7 +613,7 @@ class MemoryBuffer(_Closeable):
             return None
         merged = parts[0]
         for later in parts[1:]:
-            merged = merge_updates(merged, later)
+            merged = merge_updates(merged, later, strict=False)
         return merged
 
     def stats(self) -> BufferStats:
@@ -629,7 +638,7 @@ class MemoryBuffer(_Closeable):
     def dead_letters(self) -> list[DeadLetter]:
         """Return the rows that failed alone ``max_attempts`` times, oldest first."""
         with self._lock:
-            return list(self._dead)
+            return [dataclasses.replace(d, update=_copy(d.update)) for d in self._dead]
 
     def replay_dead_letters(self) -> int:
         """Put every dead-lettered row back into the pending rows; return how many.
@@ -719,6 +728,26 @@ class MemoryBuffer(_Closeable):
                 left.in_flight_rows,
                 left.dead_letters,
             )
+
+
+def _copy(update: Update) -> Update:
+    """Return a copy of a held *update* whose mappings the host may change.
+
+    A callback may reuse what it is handed (``u.columns.update(u.extra)``, ``u.filters["id"] =
+    ...``); a redelivery, ``get()`` or a dead letter must still hold what was buffered, as the
+    Redis backend, which reads rows back from Redis each time, gives.
+    """
+    return _unchecked_update(
+        update.model,
+        dict(update.filters),
+        dict(update.columns),
+        dict(update.extra),
+        dict(update.greatest),
+        dict(update.least),
+        update.signal_only,
+        update.count,
+        update.first_buffered,
+    )
 
 
 def _close_pause(pause: float, remaining: float) -> float:

@@ -42,7 +42,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, ClassVar, cast
@@ -55,6 +55,7 @@ from updatebuffer._validate import (
     _FAST_TAGS,
     INT64_MAX,
     INT64_MIN,
+    Operations,
     check_operations,
     conflicting_operations,
     require_filters,
@@ -557,6 +558,10 @@ class _ExitHooks:
         import multiprocessing.util  # only processes with a local window need it
 
         multiprocessing.util.register_after_fork(cls, _ExitHooks._in_worker)
+        if multiprocessing.parent_process() is not None:
+            # The first window of a process multiprocessing started (a fork or forkserver child
+            # exits with os._exit() too): the hook above only serves its future children.
+            cls._in_worker(None)
 
     @staticmethod
     def _in_worker(_: object) -> None:
@@ -950,9 +955,14 @@ class RedisBuffer(_Closeable):
     def from_url(cls, url: str, *, flush: FlushCallback, **options: Any) -> Self:
         """Build a Redis buffer from a URL (see the class docstring) and keyword options.
 
-        :raises ConfigurationError: an unsupported scheme, or an invalid option.
+        :raises ConfigurationError: an unsupported scheme, a malformed host, port or database
+            number, or an invalid option.
         """
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018  # raises on a malformed port: a mistake, not an outage
+        except ValueError as exc:
+            raise ConfigurationError(f"malformed redis URL {mask_url(url)}: {exc}") from None
         scheme = parts.scheme.lower()
         schemes = ("redis", "rediss", "redis+unix", "redis+cluster", "rediss+cluster")
         if scheme not in schemes:
@@ -969,6 +979,16 @@ class RedisBuffer(_Closeable):
         )
         db = opts.pop("db")
         hosts = opts.pop("hosts")
+        path_db = parts.path.strip("/")
+        if "+unix" not in scheme and path_db and not path_db.isdigit():
+            raise ConfigurationError(
+                f"malformed redis URL {mask_url(url)}: the path must be a database number",
+                option="db",
+            )
+        if "+cluster" in scheme and (path_db not in ("", "0") or db not in (None, 0)):
+            raise ConfigurationError(
+                f"{mask_url(url)}: Redis Cluster has only database 0", option="db"
+            )
         client = options.get("client")
         if (
             sum(x is not None for x in (client, hosts))
@@ -1202,7 +1222,34 @@ class RedisBuffer(_Closeable):
             failed = self._script(part, "incr")(
                 keys=[part.pending, part.stats], args=[part.base, "", 1, *args]
             )
-        _raise_if_refused(failed)
+        if failed:
+            raise self._refusal(failed, ops, part, member)
+
+    def _refusal(
+        self, reply: Sequence[Any], ops: Operations, part: _Partition, member: str
+    ) -> InvalidUpdateError:
+        """Return the :class:`InvalidUpdateError` for an incr script's refusal of *ops*."""
+        _, raw_code, raw_field = reply
+        code, field = raw_code.decode(), raw_field.decode()
+        kind, _, name = field.partition(":")
+        if code != "mixed" or kind not in ("G", "L"):
+            return _rejection(code, field)
+        # Name both types, as the other backends do: the given value's, and the buffered one's
+        # family from its order key (one more round trip, on this error path only).
+        new = (ops.greatest if kind == "G" else ops.least)[name]
+        with suppress(*_REDIS_ERRORS):
+            held = part.client.hget(f"{part.base}:{member}", field)
+            if held:
+                family = _FAMILIES.get(held[:1], "another type")
+                what = f"{_OPERATIONS[kind]}[{name!r}]"
+                return InvalidUpdateError(
+                    f"{what}: cannot compare {type_name(new)} with the buffered {family}; a "
+                    "column must keep one type",
+                    field=what,
+                    expected=family,
+                    got=type_name(new),
+                )
+        return _rejection(code, field)
 
     def _push(self, batch: Batch) -> None:
         """Flush callback of the local window: merge its rows into Redis, one call per partition.
@@ -1513,26 +1560,38 @@ class RedisBuffer(_Closeable):
     # -- reading -----------------------------------------------------------------------------
 
     def get(self, model: str, filters: Mapping[str, Value]) -> Update | None:
-        """Return the not yet flushed update of a row (in-flight and pending parts merged).
+        """Return the not yet flushed update of a row (in-flight, pending and window parts merged).
 
         :raises InvalidUpdateError: the model or filters are invalid.
         :raises BackendError: Redis failed.
         """
         canonical = encode_row(model, filters)
         part, member = self._locate(model, canonical)
-        with self._errors("reading a row"):
-            in_flight, pending = self._script(part, "get")(
-                keys=[f"{part.base}:~f:{member}", f"{part.base}:{member}"]
-            )
-        parts = [_decode_row(raw) for raw in (in_flight, pending) if raw]
+        window = self._window
+        # Under the window lock: a push in hand is either all in Redis or all in the window,
+        # never counted in both.
+        with self._window_lock if window is not None else nullcontext():
+            with self._errors("reading a row"):
+                in_flight, pending = self._script(part, "get")(
+                    keys=[f"{part.base}:~f:{member}", f"{part.base}:{member}"]
+                )
+            parts = [_decode_row(raw) for raw in (in_flight, pending) if raw]
+            # The window's part is the newest: it reaches Redis only at its next push.
+            local = None if window is None else window.get(model, filters)
+        if local is not None:
+            parts.append(local)
         if not parts:
             return None
-        return parts[0] if len(parts) == 1 else merge_updates(parts[0], parts[1])
+        merged = parts[0]
+        for later in parts[1:]:
+            merged = merge_updates(merged, later, strict=False)
+        return merged
 
     def stats(self) -> BufferStats:
         """Return pending, in-flight and dead counts per partition and lifetime totals.
 
-        Totals are shared by every process using these Redis keys.
+        Totals are shared by every process using these Redis keys. With ``local_window``,
+        ``pending_rows`` and ``oldest_pending_age`` also count this process's rows not yet pushed.
 
         :raises BackendError: Redis failed.
         """
@@ -1564,6 +1623,12 @@ class RedisBuffer(_Closeable):
         with kept.lock:
             dead += len(kept.letters)
             totals[b"dead"] += kept.total
+        if self._window is not None:
+            # Rows still in this process's window are buffered too: not pushed, not claimed.
+            held = self._window.stats()
+            pending += held.pending_rows + held.in_flight_rows
+            if held.oldest_pending_age is not None:
+                oldest = max(oldest or 0.0, held.oldest_pending_age)
         return BufferStats(
             pending_rows=pending,
             oldest_pending_age=oldest,
@@ -1730,13 +1795,6 @@ def _flat(raw: Any) -> list[bytes]:
     return list(cast("Sequence[bytes]", raw))
 
 
-def _raise_if_refused(reply: Sequence[Any]) -> None:
-    """Raise the :class:`InvalidUpdateError` an incr script reported (``[index, code, field]``)."""
-    if reply:
-        _, code, field = reply
-        raise _rejection(code.decode(), field.decode())
-
-
 _OPERATIONS = {
     "c": "columns",
     "e": "extra",
@@ -1744,6 +1802,17 @@ _OPERATIONS = {
     "l": "least",
     "G": "greatest",
     "L": "least",
+}
+
+
+# The first byte of an order key (_order_key) names its family.
+_FAMILIES = {
+    b"n": "int, float or Decimal",
+    b"t": "datetime.datetime",
+    b"d": "datetime.date",
+    b"s": "str",
+    b"b": "bytes",
+    b"u": "uuid.UUID",
 }
 
 

@@ -254,6 +254,72 @@ class BufferContract:
         assert update.extra["when"].utcoffset() == offset.utcoffset(None)  # type: ignore[union-attr]  # a datetime
         assert str(update.extra["money"]) == "10.50"
 
+    def test_subclass_values_are_delivered_as_their_base_types(
+        self, make_buffer: MakeBuffer
+    ) -> None:
+        import decimal
+        import enum
+
+        class Level(enum.IntEnum):
+            HIGH = 3
+
+        class Kind(str, enum.Enum):
+            BUG = "bug"
+
+        class Money(decimal.Decimal):
+            pass
+
+        rec = Recorder()
+        buf = make_buffer(rec)
+        # bytearray is accepted at run time though outside the `Value` type.
+        raw: Any = bytearray(b"ab")
+        key: Any = bytearray(b"k")
+        buf.incr(
+            "g",
+            {"n": 1},
+            {"level": Level.HIGH, "kind": Kind.BUG, "raw": key},
+            {"blob": raw, "type": Kind.BUG},
+            greatest={"money": Money("1.5")},
+        )
+        raw[0] = ord("X")  # the caller reuses its buffer: what was buffered must not change
+        buf.drain()
+        [update] = rec.updates()
+        got = {**update.filters, **{f"extra.{k}": v for k, v in update.extra.items()}}
+        got["greatest.money"] = update.greatest["money"]
+        assert {k: (type(v), v) for k, v in got.items()} == {
+            "level": (int, 3),
+            "kind": (str, "bug"),
+            "raw": (bytes, b"k"),
+            "extra.blob": (bytes, b"ab"),
+            "extra.type": (str, "bug"),
+            "greatest.money": (decimal.Decimal, decimal.Decimal("1.5")),
+        }
+
+    def test_str_enum_names_are_delivered_as_plain_str(self, make_buffer: MakeBuffer) -> None:
+        import enum
+
+        class Name(str, enum.Enum):
+            MODEL = "groups"
+            N = "n"
+            ID = "id"
+            MSG = "msg"
+            LAST = "last"
+
+        rec = Recorder()
+        buf = make_buffer(rec)
+        buf.incr(Name.MODEL, {Name.N: 1}, {Name.ID: 1}, {Name.MSG: "x"}, greatest={Name.LAST: 2})
+        buf.drain()
+        [update] = rec.updates()
+        names = [update.model, *update.columns, *update.filters, *update.extra, *update.greatest]
+        # A host formats names into SQL: "groups", not "Name.MODEL", on every backend.
+        assert [(type(n), f"{n}") for n in names] == [
+            (str, "groups"),
+            (str, "n"),
+            (str, "id"),
+            (str, "msg"),
+            (str, "last"),
+        ]
+
     def test_get_returns_pending_update(self, make_buffer: MakeBuffer) -> None:
         self._need_buffering()
         rec = Recorder()
@@ -347,6 +413,60 @@ class BufferContract:
         assert rec.total("n") == 11
         assert rec.applied[-1][0].extra["v"] == "new"  # the newer extra is applied last
         assert rec.overlaps == []
+
+    def test_get_merges_a_failed_batch_with_newer_values_of_another_type(
+        self, make_buffer: MakeBuffer
+    ) -> None:
+        # incr checks a value against the pending row only: a failed batch may hold an int
+        # where newer updates hold a str. They are delivered apart; get() shows the newer one.
+        self._need_buffering()
+        rec = Recorder(fail_times=1)
+        buf = make_buffer(rec, max_attempts=5, retry_backoff=3600)
+        buf.incr("g", {"n": 1}, {"id": 1}, greatest={"t": 5}, least={"u": 5})
+        buf.drain()  # fails: the batch is kept
+        buf.incr("g", {"n": 2}, {"id": 1}, greatest={"t": "x"}, least={"u": b"y"})
+        pending = buf.get("g", {"id": 1})
+        assert pending is not None
+        assert dict(pending.columns) == {"n": 3}
+        assert dict(pending.greatest) == {"t": "x"} and dict(pending.least) == {"u": b"y"}
+        assert pending.count == 2
+
+    def test_a_callback_changing_what_it_is_handed_changes_nothing_buffered(
+        self, make_buffer: MakeBuffer
+    ) -> None:
+        # Hosts reuse the mappings they are handed (`values = u.columns; values.update(...)`);
+        # a redelivery, get() and a dead letter still hold what was buffered.
+        self._need_buffering()
+        seen: list[tuple[dict[str, Any], ...]] = []
+
+        def flush(batch: Batch) -> None:
+            for u in batch:
+                seen.append(tuple(dict(m) for m in (u.filters, u.columns, u.extra, u.greatest)))
+                for mapping in (u.filters, u.columns, u.extra, u.greatest):
+                    mapping.clear()  # type: ignore[attr-defined]  # a dict at run time
+                    mapping["id"] = 99  # type: ignore[index]  # a dict at run time
+            raise RuntimeError("the write failed")
+
+        buf = make_buffer(flush, max_attempts=2, retry_backoff=3600)
+        buf.incr("g", {"n": 1}, {"id": 1}, {"m": "x"}, greatest={"t": 5})
+        buf.drain()  # attempt 1 fails: the batch is kept
+        pending = buf.get("g", {"id": 1})
+        letters = []
+        for _ in range(5):  # redelivered until the row alone is dead-lettered
+            buf.drain()
+            letters = buf.dead_letters()  # type: ignore[attr-defined]  # dead_letters flag
+            if letters:
+                break
+        first = ({"id": 1}, {"n": 1}, {"m": "x"}, {"t": 5})
+        assert len(seen) >= 2 and all(delivered == first for delivered in seen), seen
+        assert pending is not None
+        got = (pending.filters, pending.columns, pending.extra, pending.greatest)
+        assert tuple(map(dict, got)) == first
+        if self.dead_letters:
+            [letter] = letters
+            held = letter.update
+            got = (held.filters, held.columns, held.extra, held.greatest)
+            assert tuple(map(dict, got)) == first
 
     def test_poison_row_is_isolated_and_dead_lettered(self, make_buffer: MakeBuffer) -> None:
         self._need_dead_letters()
