@@ -237,3 +237,51 @@ def test_redis_fork_pool_under_load(client, key_prefix, window):
     finally:
         _shared.clear()
     assert _totals(rec.updates()) == _expected(load.count)
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("cluster", [False, True], ids=["node", "cluster"])
+def test_child_is_not_blocked_by_a_pool_lock_a_parent_thread_held_at_fork(
+    request, key_prefix, cluster
+):
+    """A parent thread inside a redis-py pool call at fork() holds the pool's lock; redis-py
+    resets the pool in the child under that lock, so the child's first command hung forever."""
+    fixture = "redis_cluster" if cluster else "redis_server"
+    server = request.getfixturevalue(fixture)
+    buf = RedisBuffer.from_url(server.url, flush=Recorder(), key_prefix=key_prefix, delay=3600)
+    buf.incr("g", {"n": 1}, {"id": 1}, {"e": "parent"})  # the pool has a connection now
+    client = buf._clients[0]
+    if cluster:
+        nodes = client.nodes_manager.nodes_cache.values()
+        locks = [n.redis_connection.connection_pool._lock for n in nodes] + [client._lock]
+    else:
+        locks = [client.connection_pool._lock]
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # another thread: an RLock held by the forking thread would re-enter
+        for lock in locks:
+            lock.acquire()
+        holding.set()
+        release.wait(60)
+        for lock in reversed(locks):
+            lock.release()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(30)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                buf.incr("g", {"n": 1}, {"id": 2}, {"e": "child"})  # through the pool
+                code = 0
+            finally:
+                os._exit(code)
+    finally:
+        release.set()
+        holder.join(30)
+    assert _wait_child(pid) == 0
+    got = buf.get("g", {"id": 2})
+    assert got is not None and (dict(got.columns), dict(got.extra)) == ({"n": 1}, {"e": "child"})
+    buf.close()

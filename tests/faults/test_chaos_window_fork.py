@@ -11,6 +11,7 @@ none lost in a child's window, none pushed twice (a child must not push the pare
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import os
 import signal
@@ -45,6 +46,12 @@ def _produce(buf: RedisBuffer, who: int) -> None:
         buf.incr("g", {"n": 1, "v": v}, {"id": row})
 
 
+def _dump_stacks(pid: int) -> None:
+    """Have a hung child print its threads' stacks (to the captured stderr) before it is killed."""
+    os.kill(pid, signal.SIGUSR1)
+    time.sleep(1.0)
+
+
 def _no_flush(batch):
     raise RuntimeError("producers never flush")
 
@@ -53,6 +60,9 @@ def test_window_producers_in_forked_children_with_workers_killed(
     server, prefix, spawn_worker, ledger_db, load_ledger, tmp_path
 ):
     common = ["--url", server.url, "--prefix", prefix, "--ledger", str(ledger_db)]
+    # Inherited by every child: one that hangs (even inside an at-fork hook) prints all its
+    # threads' stacks on SIGUSR1, to the captured stderr, before the test kills it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     buf = RedisBuffer.from_url(
         server.url, flush=_no_flush, key_prefix=prefix, delay=0, local_window=0.02
     )
@@ -131,6 +141,7 @@ def test_window_producers_in_forked_children_with_workers_killed(
                     assert os.waitstatus_to_exitcode(status) == 0, f"forked producer {pid} failed"
                     break
                 if time.monotonic() > deadline:
+                    _dump_stacks(pid)
                     os.kill(pid, signal.SIGKILL)
                     os.waitpid(pid, 0)
                     hung.append(f"os.fork producer {pid}")
@@ -139,6 +150,7 @@ def test_window_producers_in_forked_children_with_workers_killed(
         for proc in procs:
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.exitcode is None:
+                _dump_stacks(proc.pid)
                 proc.kill()
                 proc.join()
                 hung.append(f"multiprocessing producer {proc.pid}")

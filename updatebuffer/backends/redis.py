@@ -595,6 +595,48 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _fresh_like(lock: object) -> Any:
+    return threading.RLock() if isinstance(lock, type(threading.RLock())) else threading.Lock()
+
+
+def _unlock_client_after_fork(client: AnyRedis) -> None:
+    """Give a forked child fresh copies of redis-py's internal locks (called in the child only).
+
+    redis-py resets a pool in a forked child under the pool's own lock (redis-py 8 creates it
+    once, in ``__init__``); if another thread of the parent held it at fork() (a command in
+    progress), the child blocks forever in its first command. The child runs one thread here,
+    so nothing can hold the fresh locks. Attributes are looked up, not assumed: they are
+    redis-py internals that vary by version.
+    """
+    pools: list[Any] = []
+    if isinstance(client, redis.cluster.RedisCluster):
+        shared = getattr(client, "_lock", None)
+        fresh = _fresh_like(shared) if shared is not None else None
+        if fresh is not None:
+            client._lock = fresh
+        manager = getattr(client, "nodes_manager", None)
+        if manager is not None:
+            held = getattr(manager, "_lock", None)
+            if held is not None:
+                manager._lock = fresh if held is shared else _fresh_like(held)
+            init = getattr(manager, "_initialization_lock", None)
+            if init is not None:
+                manager._initialization_lock = _fresh_like(init)
+            nodes = list(getattr(manager, "nodes_cache", {}).values())
+            pools.extend(
+                n.redis_connection.connection_pool
+                for n in nodes
+                if getattr(n, "redis_connection", None) is not None
+            )
+    else:
+        pools.append(client.connection_pool)
+    for pool in pools:
+        for name in ("_lock", "_fork_lock"):
+            lock = getattr(pool, name, None)
+            if lock is not None:
+                setattr(pool, name, _fresh_like(lock))
+
+
 def _direct_pool(client: AnyRedis) -> Any:
     """Return the pool whose settings the ``incr`` fast path may copy, or ``None``.
 
@@ -1371,6 +1413,8 @@ class RedisBuffer(_Closeable):
         self._thread_conns_lock = threading.Lock()
         self._thread_conns = weakref.WeakSet()
         self._window_lock = threading.Lock()
+        for client in self._clients:
+            _unlock_client_after_fork(client)
         if self._window_flusher is not None:
             self._window_flusher.buffer = _LockedWindow(
                 cast("MemoryBuffer", self._window), self._window_lock
