@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
 import threading
-import time
 
 import pytest
 import redis
+from fork_helpers import PATIENCE, wait_child
 
 import updatebuffer
 from updatebuffer.backends.memory import MemoryBuffer
@@ -16,7 +15,6 @@ from updatebuffer.backends.redis import RedisBuffer
 
 # Long enough for a stuck thread or child never to be mistaken for a slow one; only reached
 # when the test fails.
-PATIENCE = 30.0
 
 
 class Scripted:
@@ -111,19 +109,6 @@ def test_second_start_is_refused_and_runs_one_thread():
     flusher.stop()
 
 
-def _wait_child(pid: int) -> int:
-    """Exit code of a forked child; a child still alive after PATIENCE is killed (it hung)."""
-    deadline = time.monotonic() + PATIENCE
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    return -1
-
-
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_forked_child_gets_its_own_running_thread_and_fresh_lock():
@@ -148,7 +133,7 @@ def test_forked_child_gets_its_own_running_thread_and_fresh_lock():
                         code = 0 if rows == [5] and not flusher.running else 2
                 finally:
                     os._exit(code)
-        assert _wait_child(pid) == 0
+        assert wait_child(pid) == 0
         buf.incr("g", {"n": 1}, {"id": 1})
         assert parent_flush.done.wait(PATIENCE)
     finally:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import threading
 import time
 from collections import Counter
 
 import pytest
 import redis
+from fork_helpers import PATIENCE, wait_child
 
 import updatebuffer
 from updatebuffer.backends.memory import MemoryBuffer
@@ -28,22 +28,6 @@ pytestmark = [
     # on purpose.
     pytest.mark.filterwarnings("ignore:This process:DeprecationWarning"),
 ]
-
-# Only reached when a child hangs (a lock inherited locked) or a thread never runs.
-PATIENCE = 30.0
-
-
-def _wait_child(pid: int) -> int:
-    """Exit code of a forked child; a child still alive after PATIENCE is killed (it hung)."""
-    deadline = time.monotonic() + PATIENCE
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    return -1
 
 
 def _totals(updates) -> Counter:
@@ -98,7 +82,7 @@ def test_local_window_child_pushes_its_own_rows_only_and_closes(client, key_pref
                 code = 0 if pushed else 2
             finally:
                 os._exit(code)
-    assert _wait_child(pid) == 0
+    assert wait_child(pid) == 0
     for _ in range(5):
         buf.incr("g", {"n": 1}, {"id": "parent"})
     buf.drain()
@@ -123,7 +107,7 @@ def test_redis_child_and_parent_share_the_rows(client, key_prefix):
             os._exit(code)
     for _ in range(30):
         buf.incr("g", {"n": 1}, {"id": 1})
-    assert _wait_child(pid) == 0
+    assert wait_child(pid) == 0
     buf.drain()
     buf.close()
     assert _totals(rec.updates()) == {1: 51}
@@ -281,7 +265,7 @@ def test_child_is_not_blocked_by_a_pool_lock_a_parent_thread_held_at_fork(
     finally:
         release.set()
         holder.join(30)
-    assert _wait_child(pid) == 0
+    assert wait_child(pid) == 0
     got = buf.get("g", {"id": 2})
     assert got is not None and (dict(got.columns), dict(got.extra)) == ({"n": 1}, {"e": "child"})
     buf.close()
